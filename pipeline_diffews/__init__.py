@@ -1,5 +1,9 @@
 """DiffewS: diffusion-based few-shot segmentation as a diffusers pipeline."""
 
+# diffusers' loader resolves a component library's base classes by name (as it finds `PreTrainedModel` in
+# transformers); exporting ModelMixin lets `DiffewSPipeline.from_pretrained` load the UNet from this package.
+from diffusers import ModelMixin
+
 from .pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSPipelineOutput, DiffewSSupport
 from .unet_diffews import DiffewSAttnProcessor, DiffewSUNet2DConditionModel, SupportKeyValues
 
