@@ -1,0 +1,1 @@
+"""Training, evaluation and data code for DiffewS (not part of the inference pipeline)."""

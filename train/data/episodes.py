@@ -1,0 +1,386 @@
+"""Fold splits and few-shot episodes (evaluation and training).
+
+Everything here works on any :class:`train.data.base.FewShotSource`.
+
+Evaluation (HSNet's protocol): :class:`EvaluationEpisodes` draws the whole sequence of
+episodes up front from ``np.random.RandomState(seed)``, in this order per episode:
+
+1. the class, uniform among the usable classes: ``rng.choice(class_ids)``;
+2. the query, uniform among that class's images: ``rng.choice(images)``;
+3. supports, uniform among that class's images, redrawn while equal to the query or to an
+   already chosen support (HSNet's rejection loop, with distinct supports), until ``shots``.
+
+(``rng.choice(a)`` is drawn as ``a[rng.randint(len(a))]``, which ``RandomState`` defines as
+the same draw, without building an array of thousands of keys per episode.)
+
+Training: :class:`TrainingEpisodes` is a map-style dataset whose item ``index`` is a pure
+function of ``(seed, index)``, so it can be sharded, shuffled across workers, and resumed
+exactly; see its docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import FewShotSource
+
+FOLD_RULES = ("interleaved", "consecutive")
+SHOTS_STREAM = 2**32 - 1
+"""Last word of the seed of the per-step shots draw (never an episode index)."""
+
+
+# ---------------------------------------------------------------------- folds
+
+
+def fold_class_ids(num_classes: int, fold: int, num_folds: int, rule: str) -> tuple[list[int], list[int]]:
+    """Split class ids ``0 .. num_classes - 1`` into a fold's (train, test) ids.
+
+    Args:
+        num_classes: number of classes (> 0).
+        fold: fold index in ``0 .. num_folds - 1``.
+        num_folds: number of folds (>= 2, <= num_classes).
+        rule: ``"interleaved"``: test = ``{fold + num_folds * k}`` (COCO-20i: 80 classes,
+            4 folds; LVIS-92i: 10 folds; CamVid: 11 classes, 4 folds).
+            ``"consecutive"``: test = ``fold * n // num_folds .. (fold + 1) * n // num_folds - 1``
+            (PASCAL-5i: 20 classes, 4 folds -> ``{5f, .., 5f + 4}``).
+    Returns:
+        ``(train_ids, test_ids)``: two sorted, disjoint lists covering all classes.
+    """
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(num_folds, (int, np.integer)) or not 2 <= num_folds <= num_classes:
+        raise ValueError(f"num_folds must be an integer in 2..num_classes={num_classes}, got {num_folds!r}")
+    if not isinstance(fold, (int, np.integer)) or not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be an integer in 0..{num_folds - 1}, got {fold!r}")
+    if rule == "interleaved":
+        test = list(range(int(fold), int(num_classes), int(num_folds)))
+    elif rule == "consecutive":
+        test = list(range(fold * num_classes // num_folds, (fold + 1) * num_classes // num_folds))
+    else:
+        raise ValueError(f"rule must be one of {FOLD_RULES}, got {rule!r}")
+    held = set(test)
+    return [c for c in range(num_classes) if c not in held], test
+
+
+# ---------------------------------------------------------------------- episodes
+
+
+@dataclass
+class Episode:
+    """One few-shot episode.
+
+    Attributes:
+        query_image: RGB ``PIL.Image`` (its own size, H x W).
+        query_mask: uint8 (H, W), 0 background / 1 class / 255 ignore.
+        support_images: ``shots`` RGB images (each its own size).
+        support_masks: ``shots`` uint8 arrays (H_i, W_i) of 0/1 (ignore pixels mapped to 0).
+        class_id: the class (id of the source).
+        query_key / support_keys: the source's image keys.
+    """
+
+    query_image: Image.Image
+    query_mask: np.ndarray
+    support_images: list[Image.Image]
+    support_masks: list[np.ndarray]
+    class_id: int
+    query_key: str
+    support_keys: list[str] = field(default_factory=list)
+
+    @property
+    def shots(self) -> int:
+        return len(self.support_images)
+
+    def binary_query_mask(self) -> np.ndarray:
+        """``query_mask`` with ignore (255) mapped to 0: uint8 (H, W) of 0/1."""
+        return np.where(self.query_mask == 1, 1, 0).astype(np.uint8)
+
+
+class EpisodeSpec(NamedTuple):
+    """What an episode is made of, before loading: class, query key, support keys."""
+
+    class_id: int
+    query_key: str
+    support_keys: tuple[str, ...]
+
+
+def load_episode(source: "FewShotSource", spec: EpisodeSpec) -> Episode:
+    """Load the images and masks of ``spec`` from ``source``."""
+    supports = [source.load_mask(k, spec.class_id) for k in spec.support_keys]
+    return Episode(
+        query_image=source.load_image(spec.query_key),
+        query_mask=source.load_mask(spec.query_key, spec.class_id),
+        support_images=[source.load_image(k) for k in spec.support_keys],
+        support_masks=[np.where(m == 1, 1, 0).astype(np.uint8) for m in supports],
+        class_id=int(spec.class_id),
+        query_key=spec.query_key,
+        support_keys=list(spec.support_keys),
+    )
+
+
+def collate_episodes(batch: Sequence[Episode]) -> list[Episode]:
+    """``collate_fn`` for DataLoaders of episodes: the list itself (PIL images stay PIL).
+
+    Raises ValueError if the episodes of the batch have different numbers of shots.
+    """
+    batch = list(batch)
+    shots = {e.shots for e in batch}
+    if len(shots) > 1:
+        raise ValueError(f"a batch mixes episodes with different shots: {sorted(shots)}")
+    return batch
+
+
+def _check_shots(shots) -> int:
+    if not isinstance(shots, (int, np.integer)) or isinstance(shots, bool) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    return int(shots)
+
+
+def _usable_or_raise(source: "FewShotSource", shots: int) -> list[int]:
+    ids = source.usable_classes(1 + shots)
+    if not ids:
+        raise ValueError(
+            f"{source.name}: no class has the {1 + shots} images needed for a {shots}-shot "
+            f"episode (classes: {source.class_ids})"
+        )
+    return ids
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def draw_evaluation_specs(
+    source: "FewShotSource", shots: int, num_episodes: int = 1000, seed: int = 0
+) -> list[EpisodeSpec]:
+    """The fixed HSNet-style episode sequence (see the module docstring)."""
+    shots = _check_shots(shots)
+    if not isinstance(num_episodes, (int, np.integer)) or num_episodes < 1:
+        raise ValueError(f"num_episodes must be an integer >= 1, got {num_episodes!r}")
+    class_ids = _usable_or_raise(source, shots)
+    rng = np.random.RandomState(seed)
+    images = {c: source.images_of_class(c) for c in class_ids}
+    specs = []
+    for _ in range(num_episodes):
+        c = int(class_ids[rng.randint(len(class_ids))])  # == rng.choice(class_ids)
+        imgs = images[c]
+        query = imgs[rng.randint(len(imgs))]  # == rng.choice(imgs)
+        supports: list[str] = []
+        while len(supports) < shots:  # terminates: len(imgs) >= 1 + shots
+            s = imgs[rng.randint(len(imgs))]
+            if s != query and s not in supports:
+                supports.append(s)
+        specs.append(EpisodeSpec(c, query, tuple(supports)))
+    return specs
+
+
+class EvaluationEpisodes(torch.utils.data.Dataset):
+    """The fixed evaluation episodes of one fold (HSNet protocol).
+
+    Args:
+        source: the fold's test source (e.g. ``build_source("coco20i", root, "val", f, "test")``).
+        shots: supports per episode (>= 1). Classes with fewer than ``1 + shots`` images
+            are skipped with a warning.
+        num_episodes: episodes (HSNet: 1000 per fold).
+        seed: seed of ``np.random.RandomState`` (HSNet: 0).
+
+    The sequence is drawn in ``__init__`` (:attr:`specs`), so every process that builds
+    it with the same arguments gets the same episodes; ``__getitem__(i)`` loads episode
+    ``i`` as an :class:`Episode`. Use ``collate_fn=collate_episodes`` in a DataLoader.
+
+    Several processes: take ``ds.shard(rank, world_size)`` (disjoint, together all
+    episodes, no padding). Do NOT let ``accelerator.prepare`` shard it with the default
+    ``even_batches=True``: when ``num_episodes`` is not a multiple of the world size it
+    repeats episodes to pad, which would count them twice in the metric.
+    """
+
+    def __init__(self, source: "FewShotSource", shots: int, num_episodes: int = 1000, seed: int = 0):
+        self.source = source
+        self.shots = _check_shots(shots)
+        self.seed = seed
+        self.specs: list[EpisodeSpec] = draw_evaluation_specs(source, shots, num_episodes, seed)
+        self.class_ids: list[int] = source.usable_classes(1 + self.shots)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, index: int) -> Episode:
+        return load_episode(self.source, self.specs[index])
+
+    def shard_indices(self, rank: int, world_size: int) -> list[int]:
+        """Episode indices of process ``rank``: ``rank, rank + world_size, ...``."""
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in 0..{world_size - 1}, got {rank!r}")
+        return list(range(rank, len(self), world_size))
+
+    def shard(self, rank: int, world_size: int) -> torch.utils.data.Subset:
+        """The episodes of process ``rank`` out of ``world_size`` (disjoint, no padding)."""
+        return torch.utils.data.Subset(self, self.shard_indices(rank, world_size))
+
+
+# ---------------------------------------------------------------------- training
+
+
+def draw_training_spec(
+    source: "FewShotSource",
+    shots: int,
+    rng: np.random.Generator,
+    class_ids: Sequence[int] | None = None,
+) -> EpisodeSpec:
+    """Draw a random training episode (class, query, ``shots`` distinct other supports).
+
+    The class is drawn with ``source.class_weights`` (uniform over classes by default)
+    among ``class_ids`` (default: ``source.usable_classes(1 + shots)``).
+    """
+    shots = _check_shots(shots)
+    if class_ids is None:
+        class_ids = _usable_or_raise(source, shots)
+    class_ids = list(class_ids)
+    p = source.class_weights(class_ids)
+    c = int(class_ids[int(rng.choice(len(class_ids), p=p))])
+    imgs = source.images_of_class(c)
+    n = len(imgs)
+    if n < 1 + shots:
+        raise ValueError(f"{source.name}: class {c} has {n} images, a {shots}-shot episode needs {1 + shots}")
+    q = int(rng.integers(n))
+    others = rng.choice(n - 1, size=shots, replace=False)
+    supports = tuple(imgs[int(j) + int(j >= q)] for j in others)
+    return EpisodeSpec(c, imgs[q], supports)
+
+
+def sample_training_episode(
+    source: "FewShotSource",
+    shots: int,
+    rng: np.random.Generator,
+    class_ids: Sequence[int] | None = None,
+) -> Episode:
+    """Draw (:func:`draw_training_spec`) and load a random training episode."""
+    return load_episode(source, draw_training_spec(source, shots, rng, class_ids))
+
+
+class TrainingEpisodes(torch.utils.data.Dataset):
+    """Random training episodes, a pure function of ``(seed, step, slot)``.
+
+    Args:
+        source: the training source (e.g. COCO-20i train split, fold f, mode "train").
+        max_shots: the shots of a step are drawn uniformly in ``1 .. max_shots``.
+        batch_size: episodes per process per step (B).
+        seed: base seed.
+        num_steps: loader steps (micro-batches per process) in total.
+        world_size: number of training processes (W); every step draws ``B * W``
+            episodes, process ``r`` gets slots ``r*B .. r*B + B - 1``.
+        start_step: first step served (resume: pass the number of steps already done).
+        accumulation_steps: loader steps per optimisation step; all the micro-batches of
+            one optimisation step share its number of shots.
+
+    Item layout: ``len(ds) = (num_steps - start_step) * B * W``; item ``index`` is step
+    ``s = start_step + index // (B * W)``, slot ``i = index % (B * W)``. Its episode is
+    drawn from ``np.random.default_rng([seed, s, i])`` with ``shots_at(s)`` shots, and
+    ``shots_at(s)`` comes from ``default_rng([seed, s // accumulation_steps, 2**32 - 1])``.
+    Each episode has its OWN supports; all episodes of a step have the same shots.
+
+    How to load it (``collate_fn=collate_episodes`` always; any ``num_workers``):
+
+    * one process: ``DataLoader(ds, batch_size=B, shuffle=False)``: batch ``t`` = step
+      ``start_step + t``.
+    * Accelerate: build with ``world_size=accelerator.num_processes`` and call
+      ``accelerator.prepare(DataLoader(ds, batch_size=B, shuffle=False))``: Accelerate
+      gives global batch ``k`` to process ``k % W``, which is exactly slot block ``r`` of
+      step ``k // W``; the length is a multiple of ``B * W``, so nothing is padded.
+    * plain DDP (no Accelerate): ``DataLoader(ds, batch_sampler=ds.batch_sampler(rank))``
+      (do not use ``DistributedSampler``: it would mix steps within a batch).
+    * resume at step ``s``: rebuild with ``start_step=s`` (same seed): the episodes are
+      identical to those an uninterrupted run would have seen, whatever the workers.
+    """
+
+    def __init__(
+        self,
+        source: "FewShotSource",
+        max_shots: int,
+        batch_size: int,
+        seed: int = 0,
+        num_steps: int = 10_000,
+        world_size: int = 1,
+        start_step: int = 0,
+        accumulation_steps: int = 1,
+    ):
+        self.source = source
+        self.max_shots = _check_shots(max_shots)
+        for name, v, lo in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
+                            ("num_steps", num_steps, 1), ("accumulation_steps", accumulation_steps, 1),
+                            ("start_step", start_step, 0), ("seed", seed, 0)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if start_step > num_steps:
+            raise ValueError(f"start_step ({start_step}) must be <= num_steps ({num_steps})")
+        self.batch_size, self.seed, self.num_steps = int(batch_size), int(seed), int(num_steps)
+        self.world_size, self.start_step = int(world_size), int(start_step)
+        self.accumulation_steps = int(accumulation_steps)
+        # Usable classes for every possible number of shots, computed (and warned about) now.
+        self.class_ids_by_shots = {k: _usable_or_raise(source, k) for k in range(1, self.max_shots + 1)}
+
+    @property
+    def episodes_per_step(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        return (self.num_steps - self.start_step) * self.episodes_per_step
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(step, slot)`` of item ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return self.start_step + index // self.episodes_per_step, index % self.episodes_per_step
+
+    def shots_at(self, step: int) -> int:
+        """Number of shots of loader step ``step`` (uniform in 1..max_shots)."""
+        rng = np.random.default_rng([self.seed, step // self.accumulation_steps, SHOTS_STREAM])
+        return 1 + int(rng.integers(self.max_shots))
+
+    def spec(self, step: int, slot: int) -> EpisodeSpec:
+        """The episode of ``slot`` (0 .. B*W - 1) of ``step`` (not loaded)."""
+        shots = self.shots_at(step)
+        rng = np.random.default_rng([self.seed, step, slot])
+        return draw_training_spec(self.source, shots, rng, self.class_ids_by_shots[shots])
+
+    def __getitem__(self, index: int) -> Episode:
+        return load_episode(self.source, self.spec(*self.locate(index)))
+
+    def step_indices(self, step: int, rank: int = 0) -> list[int]:
+        """Item indices of process ``rank`` at ``step``."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank!r}")
+        if not self.start_step <= step < self.num_steps:
+            raise ValueError(f"step must be in {self.start_step}..{self.num_steps - 1}, got {step!r}")
+        first = (step - self.start_step) * self.episodes_per_step + rank * self.batch_size
+        return list(range(first, first + self.batch_size))
+
+    def batch(self, step: int, rank: int = 0) -> list[Episode]:
+        """The B loaded episodes of process ``rank`` at ``step`` (no DataLoader)."""
+        return [self[i] for i in self.step_indices(step, rank)]
+
+    def batch_sampler(self, rank: int) -> "StepBatchSampler":
+        """Batch sampler yielding process ``rank``'s item indices, one list per step."""
+        return StepBatchSampler(self, rank)
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields ``ds.step_indices(step, rank)`` for every step of a :class:`TrainingEpisodes`."""
+
+    def __init__(self, dataset: TrainingEpisodes, rank: int):
+        if not isinstance(rank, int) or not 0 <= rank < dataset.world_size:
+            raise ValueError(f"rank must be an integer in 0..{dataset.world_size - 1}, got {rank!r}")
+        self.dataset, self.rank = dataset, rank
+
+    def __len__(self) -> int:
+        return self.dataset.num_steps - self.dataset.start_step
+
+    def __iter__(self):
+        for step in range(self.dataset.start_step, self.dataset.num_steps):
+            yield self.dataset.step_indices(step, self.rank)

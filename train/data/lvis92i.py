@@ -1,0 +1,129 @@
+"""LVIS-92i (LVIS v1, 10 interleaved folds, from Matcher), for out-of-domain evaluation.
+
+Layout::
+
+    root/lvis_v1_train.json, root/lvis_v1_val.json   (or under root/annotations/)
+    root/train2017/*.jpg, root/val2017/*.jpg         (COCO 2017 images)
+
+LVIS images carry a ``coco_url`` (``http://images.cocodataset.org/<dir>/<file>``); the
+image is read from ``root/<dir>/<file>`` and its key is ``"<dir>/<file>"`` (LVIS val
+images come from both COCO train2017 and val2017). Masks are rasterised from the
+polygons (or RLE) with ``pycocotools.mask``; LVIS has no crowd regions.
+
+Classes: the LVIS categories sorted by category id get the contiguous ids
+``0 .. num_classes - 1`` (1203 in LVIS v1). Folds as Matcher: the candidate classes are
+the categories with more than one image (``>= min_images``, default 2) in the VAL json,
+in id order; fold ``f`` tests candidates ``f, f + 10, f + 20, ...`` (the
+``len(candidates) // 10`` first of them, dropping the remainder as Matcher does); the
+training classes are all other categories. The fold split therefore needs
+``lvis_v1_val.json`` even for the train split. Matcher's 5-shot protocol keeps classes
+with more than 5 images: pass ``min_images=6``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+
+from .base import IndexedSource, check_mode, check_split, load_rgb, require_dir
+from .coco20i import InstanceAnnotations, load_json
+
+LAYOUT = (
+    "  <root>/lvis_v1_{train,val}.json (or <root>/annotations/lvis_v1_{train,val}.json)\n"
+    "  <root>/train2017/*.jpg, <root>/val2017/*.jpg"
+)
+
+
+def lvis_image_key(image: dict) -> str:
+    """``"<dir>/<file>"`` of an LVIS image record (from ``coco_url``, else ``file_name``)."""
+    url = image.get("coco_url")
+    if url:
+        parts = urlparse(url).path.strip("/").split("/")
+        if len(parts) >= 2:
+            return f"{parts[-2]}/{parts[-1]}"
+    name = image.get("file_name")
+    if name:
+        return name
+    raise ValueError(f"LVIS image {image.get('id')} has neither coco_url nor file_name")
+
+
+def _find_json(root: Path, split: str) -> Path:
+    for cand in (root / f"lvis_v1_{split}.json", root / "annotations" / f"lvis_v1_{split}.json"):
+        if cand.is_file():
+            return cand
+    raise ValueError(f"lvis92i: file {str(root / f'lvis_v1_{split}.json')!r} not found "
+                     f"(nor under annotations/). Expected layout:\n{LAYOUT}")
+
+
+def lvis_fold_classes(val_counts: dict[int, int], num_classes: int, fold: int,
+                      num_folds: int = 10, min_images: int = 2) -> tuple[list[int], list[int]]:
+    """Matcher's LVIS-92i split.
+
+    Args:
+        val_counts: ``{class_id: images in the val json}``.
+        num_classes: all categories.
+    Returns:
+        ``(train_ids, test_ids)``.
+    """
+    if not isinstance(fold, int) or not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be an integer in 0..{num_folds - 1}, got {fold!r}")
+    cands = [c for c in range(num_classes) if val_counts.get(c, 0) >= min_images]
+    per_fold = len(cands) // num_folds
+    if per_fold == 0:
+        raise ValueError(f"lvis92i: only {len(cands)} classes have >= {min_images} val images; "
+                         f"cannot make {num_folds} folds")
+    test = [cands[fold + num_folds * v] for v in range(per_fold)]
+    held = set(test)
+    return [c for c in range(num_classes) if c not in held], sorted(test)
+
+
+class Lvis92i(IndexedSource):
+    """LVIS-92i split ``split`` ("train" or "val").
+
+    Args:
+        root: see the module docstring.
+        split: "train" or "val".
+        fold: 0..9 or None (every category).
+        mode: "train" (the other categories) or "test" (the fold's ~92).
+        min_images: fold candidates need this many val images (Matcher: shots + 1).
+        num_folds: 10.
+    """
+
+    name = "lvis92i"
+
+    def __init__(self, root, split: str = "val", fold: int | None = None, mode: str = "test",
+                 *, min_images: int = 2, num_folds: int = 10):
+        self.root = require_dir(Path(root), self.name, LAYOUT)
+        self.split = check_split(split, ("train", "val"), self.name)
+        check_mode(mode)
+        self.num_folds = num_folds
+        data = load_json(_find_json(self.root, self.split))
+        self._ann = InstanceAnnotations(data, lvis_image_key, crowd="foreground")
+        cat_ids = self._ann.cat_ids
+        del data
+        self.num_classes = len(cat_ids)
+        self.class_names = dict(self._ann.names)
+        self._index = self._ann.index
+        if fold is None:
+            self.class_ids = list(range(self.num_classes))
+        else:
+            if self.split == "val":
+                val = self._ann
+            else:
+                val = InstanceAnnotations(load_json(_find_json(self.root, "val")), lvis_image_key)
+                if val.cat_ids != cat_ids:
+                    raise ValueError("lvis92i: the train and val jsons have different categories")
+            counts = {c: len(v) for c, v in val.index.items()}
+            train_ids, test_ids = lvis_fold_classes(counts, self.num_classes, fold, num_folds, min_images)
+            self.class_ids = train_ids if mode == "train" else test_ids
+
+    def load_image(self, key: str) -> Image.Image:
+        return load_rgb(self.root / key)
+
+    def load_mask(self, key: str, class_id: int) -> np.ndarray:
+        if key not in self._ann.images:
+            raise KeyError(f"{self.name}: unknown image key {key!r}")
+        return self._ann.mask(key, int(class_id))
