@@ -2,7 +2,7 @@
 
 # diffusers' loader resolves a component library's base classes by name (as it finds `PreTrainedModel` in
 # transformers); exporting ModelMixin lets `DiffewSPipeline.from_pretrained` load the UNet from this package.
-from diffusers import ModelMixin
+from diffusers import ModelMixin  # noqa: F401
 
 from .pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSPipelineOutput, DiffewSSupport
 from .unet_diffews import DiffewSAttnProcessor, DiffewSUNet2DConditionModel, SupportKeyValues

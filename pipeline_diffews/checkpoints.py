@@ -5,8 +5,11 @@ Used by `convert_official` (the authors' fine-tuned UNets) and `init_from_sd` (a
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,3 +104,21 @@ def assemble_pipeline(
     unet.empty_prompt_embeds = embeds.to(unet.dtype)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     return DiffewSPipeline(unet=unet, vae=vae, base_model=base_model_id)
+
+
+def run_command(build: Callable[[], object], output: str | Path, message: str) -> int:
+    """Runs a converter for the command line: a clear one-line error (exit code 2) instead of a traceback."""
+    try:
+        build()
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{message} {Path(output).resolve()}")
+    return 0
+
+
+def command_main(module_doc: str, prog: str, add_arguments, run, argv: list[str] | None) -> int:
+    """`main()` of a converter module: parse `argv` with the module's arguments and run it."""
+    parser = argparse.ArgumentParser(prog=prog, description=module_doc.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

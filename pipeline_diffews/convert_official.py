@@ -17,9 +17,11 @@ from .checkpoints import (
     CheckpointError,
     assemble_pipeline,
     check_base_folder,
+    command_main,
     find_unet_folder,
     read_state_dict,
     read_unet_config,
+    run_command,
 )
 from .pipeline_diffews import DEFAULT_BASE_MODEL, DiffewSPipeline
 from .unet_diffews import DiffewSUNet2DConditionModel
@@ -55,9 +57,7 @@ def convert(official: str | Path, base: str | Path, output: str | Path, base_mod
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffews convert-official", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return command_main(__doc__, "diffews convert-official", add_arguments, run, argv)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,13 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        convert(args.official, args.base, args.output, args.base_model_id)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"Wrote DiffewS pipeline to {Path(args.output).resolve()}")
-    return 0
+    return run_command(
+        lambda: convert(args.official, args.base, args.output, args.base_model_id), args.output, "Wrote DiffewS pipeline to"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,16 @@ from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
-from .checkpoints import CheckpointError, assemble_pipeline, check_base_folder, find_unet_folder, read_state_dict, read_unet_config
+from .checkpoints import (
+    CheckpointError,
+    assemble_pipeline,
+    check_base_folder,
+    command_main,
+    find_unet_folder,
+    read_state_dict,
+    read_unet_config,
+    run_command,
+)
 from .pipeline_diffews import DEFAULT_BASE_MODEL, DiffewSPipeline
 from .unet_diffews import DiffewSUNet2DConditionModel
 
@@ -35,9 +44,7 @@ def init_from_sd(base: str | Path, output: str | Path, base_model_id: str = DEFA
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffews init-from-sd", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return command_main(__doc__, "diffews init-from-sd", add_arguments, run, argv)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,13 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        init_from_sd(args.base, args.output, args.base_model_id)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"Wrote untrained DiffewS pipeline to {Path(args.output).resolve()}")
-    return 0
+    return run_command(
+        lambda: init_from_sd(args.base, args.output, args.base_model_id), args.output, "Wrote untrained DiffewS pipeline to"
+    )
 
 
 if __name__ == "__main__":
