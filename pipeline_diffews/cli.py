@@ -1,0 +1,46 @@
+"""The `diffews` command line.
+
+    diffews segment --model DIR_OR_REPO --support IMG --support-mask MASK --input PATH --output DIR
+    diffews convert-official --official DIR --base DIR --output DIR
+    diffews init-from-sd --base DIR --output DIR
+
+On several GPUs: `accelerate launch -m pipeline_diffews segment ...` (the inputs are split between the processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import convert_official, init_from_sd, segment
+
+COMMANDS = {
+    "segment": (segment, "segment images, folders, globs and videos with one set of examples"),
+    "convert-official": (convert_official, "convert the authors' fine-tuned UNet into a DiffewS pipeline folder"),
+    "init-from-sd": (init_from_sd, "make an untrained DiffewS pipeline from Stable Diffusion 2.1 (to train)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffews",
+        description="DiffewS: few-shot segmentation with Stable Diffusion in one UNet step.",
+        epilog="Several GPUs: accelerate launch -m pipeline_diffews segment ... ; "
+        "`diffews COMMAND --help` describes each command.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        subparser = commands.add_parser(name, help=help_text, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(subparser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses `argv` (default: sys.argv[1:]) and runs the command. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    module, _ = COMMANDS[args.command]
+    return module.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""`diffews segment`: segment every image of a folder, glob or video with one set of examples.
+
+    diffews segment --model DIR_OR_REPO --support cat.jpg --support-mask cat.png --input photos/ --output masks/
+
+The supports are encoded once; the queries run in batches. With `accelerate launch -m pipeline_diffews segment ...`
+the batches are dealt out to the processes in turn, so every image is in the same batch as in a one-process run and
+the outputs are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .inputs import InputError, VideoFrameReader, discover, iter_video_frames, read_image
+from .outputs import OutputConflictError, VideoJob, WorkItem, make_plan
+from .writers import mask_to_image, overlay, save_png, write_video
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a saved DiffewS pipeline folder or Hub repository id")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--support", action="append", required=True, metavar="IMAGE",
+                        help="an example image; repeat for several shots, each followed by its --support-mask")
+    parser.add_argument("--support-mask", action="append", required=True, metavar="MASK",
+                        help="the mask of the object in the preceding --support (white/alpha/non-zero = object)")
+    parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                        help="image(s), video(s), folder(s) (searched recursively) or quoted glob pattern(s)")
+    parser.add_argument("--output", required=True, help="output folder; masks mirror the inputs' relative paths")
+    parser.add_argument("--overlay", action="store_true",
+                        help="also write overlays (OUTPUT/overlays/...; for a video, an overlay video)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="queries per UNet call (default 4)")
+    parser.add_argument("--resume", action="store_true", help="skip inputs whose outputs already exist")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="weights' dtype (default float32; float16 or bfloat16 are faster on GPUs)")
+    parser.add_argument("--device", type=_device_name, default=None,
+                        help="cpu, cuda, cuda:1, mps... (default: each process's Accelerate device, else cpu)")
+    parser.add_argument("--threshold", type=_fraction, default=None, help="in [0, 1] (default: the model's, 0.25)")
+    parser.add_argument("--threshold-mode", choices=("relative", "absolute"), default=None,
+                        help="relative: probability > threshold x the image's maximum; absolute: probability > "
+                             "threshold (default: the model's, relative)")
+    parser.add_argument("--processing-resolution", type=_positive_int, default=None,
+                        help="square size the model sees (default: the model's, 512)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from error
+    return text
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+@dataclass
+class Counts:
+    """What one process did. `written_videos`: relative paths of videos that got new mask frames."""
+
+    done: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    written_videos: set[str] = field(default_factory=set)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `diffews segment`. Returns the exit code: 0, 1 when some inputs failed, 2 for a usage error."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_wants_cpu(args.device))
+    device = _device(args.device, state)
+    say = print if state.is_main_process else _silent
+
+    # 1. Inputs and outputs (every process makes the same plan)
+    try:
+        if len(args.support) != len(args.support_mask):
+            raise InputError(
+                f"Got {len(args.support)} --support but {len(args.support_mask)} --support-mask: "
+                "give one mask per support image."
+            )
+        support_images = [_read_support(path, "--support", read_image) for path in args.support]
+        support_masks = [_read_support(path, "--support-mask", _read_mask) for path in args.support_mask]
+        sources = []
+        for path in args.input:
+            sources += discover(path, exclude=args.output)
+        plan = make_plan(sources, args.output, args.overlay)
+    except (InputError, OutputConflictError) as error:
+        return _usage_error(state, error)
+
+    counts = Counts(failures=list(plan.failures) if state.is_main_process else [])
+    pending = [item for item in plan.items if not (args.resume and item.is_done())]
+    if state.is_main_process:
+        counts.skipped = len(plan.items) - len(pending)
+    state.wait_for_everyone()  # every process has looked at the outputs before any is written
+
+    # 2. The model and the support cache (one support pass)
+    start = time.perf_counter()
+    load_error = None
+    with state.main_process_first():  # a Hub download happens once
+        try:
+            pipe = load_pipeline(args.model, DTYPES[args.dtype], args.revision).to(device)
+        except Exception as error:  # noqa: BLE001 - a missing folder, an unknown repository, no network, a broken config...
+            load_error = InputError(f"--model {args.model}: cannot load it ({type(error).__name__}: {error}).")
+    if load_error is not None:
+        return _usage_error(state, load_error)
+    try:
+        support = pipe.encode_support(support_images, support_masks, processing_resolution=args.processing_resolution)
+    except (ValueError, TypeError) as error:
+        return _usage_error(state, error)
+    call = {"support": support, "processing_resolution": support.processing_resolution, "threshold": args.threshold,
+            "threshold_mode": args.threshold_mode, "output_type": "np"}
+    say(f"Model {args.model} on {device} ({args.dtype}), {len(support_images)} shot(s), "
+        f"{len(plan.items)} image(s) to segment, {len(pending)} pending, {state.num_processes} process(es).")
+
+    # 3. Queries: batches dealt out to the processes in turn
+    batches = [pending[i : i + args.batch_size] for i in range(0, len(pending), args.batch_size)]
+    mine = batches[state.process_index :: state.num_processes]
+    work_start = time.perf_counter()
+    _segment_batches(pipe, call, mine, counts, args.overlay,
+                     show_progress=state.is_main_process and not args.no_progress)
+    state.wait_for_everyone()
+    work_seconds = time.perf_counter() - work_start
+
+    # 4. Videos: each process assembles its share once all frames are written
+    totals = _gather(state, counts)
+    for video in plan.videos[state.process_index :: state.num_processes]:
+        _finish_video(video, totals, args.resume, counts)
+    totals = _gather(state, counts)
+
+    say(_summary(totals, work_seconds, time.perf_counter() - start, state.num_processes))
+    if state.is_main_process and totals.failures:
+        print(f"{len(totals.failures)} input(s) failed:", file=sys.stderr)
+        for name, reason in totals.failures:
+            print(f"  {name}: {reason}", file=sys.stderr)
+    return EXIT_SOME_FAILED if totals.failures else EXIT_OK
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _usage_error(state, error: Exception) -> int:
+    if state.is_main_process:
+        print(f"error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _wants_cpu(device: str | None) -> bool:
+    """Accelerate only starts CPU processes as a group (gloo) when asked for the CPU."""
+    if device is not None:
+        return torch.device(device).type == "cpu"
+    return not torch.cuda.is_available()
+
+
+def _device(device: str | None, state) -> torch.device:
+    if device is None:
+        return state.device
+    requested = torch.device(device)
+    if requested.type == state.device.type and requested.index is None:
+        return state.device  # "cuda" under accelerate launch: each process its own GPU
+    return requested
+
+
+def _read_support(path: str, argument: str, reader):
+    try:
+        return reader(path)
+    except Exception as error:
+        raise InputError(f"{argument} {path}: cannot read it ({type(error).__name__}: {error}).") from error
+
+
+def _read_mask(path: str) -> PIL.Image.Image:
+    with PIL.Image.open(path) as mask:
+        mask.load()
+        return mask.copy()
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
+    """A saved DiffewS pipeline (folder or Hub repository id) with its weights in `dtype`, on the CPU.
+
+    The components are loaded one by one with the installed classes, whatever `model_index.json` names.
+    """
+    import inspect
+    import os
+    import warnings
+
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
+
+    from .pipeline_diffews import DiffewSPipeline
+    from .unet_diffews import DiffewSUNet2DConditionModel
+
+    folder = model
+    if not os.path.isdir(model):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(model, revision=revision)
+    config = DiffewSPipeline.load_config(folder)
+    settings = {k: config[k] for k in inspect.signature(DiffewSPipeline.__init__).parameters if k in config
+                and k not in ("unet", "vae")}
+    diffusers_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        unet = DiffewSUNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+    diffusers_logging.enable_progress_bar()
+    pipe = DiffewSPipeline(unet=unet, vae=vae, **settings)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _segment_batches(pipe, call: dict, batches: list[list[WorkItem]], counts: Counts, with_overlay: bool,
+                     show_progress: bool) -> None:
+    """Reads batch k + 1 on a thread while batch k runs, and writes the PNGs on two more threads."""
+    from tqdm.auto import tqdm
+
+    reader = _BatchReader()
+    progress = tqdm(total=sum(len(b) for b in batches), unit="img", desc="segment", disable=not show_progress,
+                    dynamic_ncols=True)
+    writes: list[tuple[WorkItem, Future]] = []
+    with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(2) as writer:
+        upcoming = loader.submit(reader.read, batches[0]) if batches else None
+        for index in range(len(batches)):
+            loaded, failures = upcoming.result()
+            upcoming = loader.submit(reader.read, batches[index + 1]) if index + 1 < len(batches) else None
+            counts.failures += failures
+            if loaded:
+                output = pipe([image for _, image in loaded], batch_size=len(loaded), **call)
+                for (item, image), mask in zip(loaded, output.masks):
+                    writes.append((item, writer.submit(_write_outputs, item, image, mask, with_overlay)))
+            progress.update(len(batches[index]))
+            writes = _collect(writes, counts, keep=4 * len(batches[index]))
+        _collect(writes, counts, keep=0)
+    reader.close()
+    progress.close()
+
+
+def _collect(writes: list[tuple[WorkItem, Future]], counts: Counts, keep: int) -> list[tuple[WorkItem, Future]]:
+    """Waits for the oldest writes until at most `keep` are in flight, and counts them."""
+    while len(writes) > keep:
+        item, future = writes.pop(0)
+        try:
+            future.result()
+        except Exception as error:  # noqa: BLE001 - a write error (disk full, permissions) fails that input only
+            counts.failures.append((item.name, f"cannot write {item.mask_path}: {type(error).__name__}: {error}"))
+            continue
+        counts.done += 1
+        if item.frame is not None:
+            counts.written_videos.add(item.source.relative.as_posix())
+    return writes
+
+
+def _write_outputs(item: WorkItem, image: PIL.Image.Image, mask, with_overlay: bool) -> None:
+    save_png(mask_to_image(mask), item.mask_path)
+    if with_overlay and item.overlay_path is not None:
+        save_png(overlay(image, mask), item.overlay_path)
+
+
+class _BatchReader:
+    """Reads the images of a batch; keeps the current video open, as a process's frames come in increasing order."""
+
+    def __init__(self):
+        self.video: VideoFrameReader | None = None
+
+    def read(self, batch: list[WorkItem]) -> tuple[list[tuple[WorkItem, PIL.Image.Image]], list[tuple[str, str]]]:
+        loaded, failures = [], []
+        for item in batch:
+            try:
+                loaded.append((item, self._read(item)))
+            except Exception as error:  # noqa: BLE001 - an unreadable file is reported and skipped
+                failures.append((item.name, f"cannot read it: {type(error).__name__}: {error}"))
+        return loaded, failures
+
+    def _read(self, item: WorkItem) -> PIL.Image.Image:
+        if item.frame is None:
+            return read_image(item.source.path)
+        if self.video is None or self.video.path != item.source.path:
+            self.close()
+            self.video = VideoFrameReader(item.source.path)
+        return self.video.frame(item.frame)
+
+    def close(self) -> None:
+        if self.video is not None:
+            self.video.close()
+        self.video = None
+
+
+def _finish_video(video: VideoJob, totals: Counts, resume: bool, counts: Counts) -> None:
+    """Writes the mask video (and overlay video) from the frame masks when they are all there."""
+    name = video.source.relative.as_posix()
+    frames = video.frame_paths()
+    if any(failure_name.startswith(name + "#") for failure_name, _ in totals.failures):
+        counts.failures.append((name, f"some frames failed: {video.mask_video} not written"))
+        return
+    changed = name in totals.written_videos or not resume
+    targets = [video.mask_video] + ([video.overlay_video] if video.overlay_video is not None else [])
+    if not changed and all(path.exists() for path in targets):
+        return
+    try:
+        write_video((mask_to_image(_mask_array(path)) for path in frames), video.mask_video, video.info.fps)
+        if video.overlay_video is not None:
+            pairs = zip(iter_video_frames(video.source.path), frames)
+            write_video((overlay(image, _mask_array(path)) for image, path in pairs), video.overlay_video, video.info.fps)
+    except Exception as error:  # noqa: BLE001 - a video that cannot be written is reported like a failed input
+        counts.failures.append((name, f"cannot write its videos: {type(error).__name__}: {error}"))
+
+
+def _mask_array(path: Path) -> np.ndarray:
+    """A mask PNG written by this command -> bool [H, W]."""
+    with PIL.Image.open(path) as mask:
+        return np.asarray(mask.convert("L")) >= 128
+
+
+def _gather(state, counts: Counts) -> Counts:
+    """The counts of all processes, summed (every process gets the totals)."""
+    if state.num_processes == 1:
+        return Counts(counts.done, counts.skipped, list(counts.failures), set(counts.written_videos))
+    from accelerate.utils import gather_object
+
+    totals = Counts()
+    for part in gather_object([counts]):
+        totals.done += part.done
+        totals.skipped += part.skipped
+        totals.failures += part.failures
+        totals.written_videos |= part.written_videos
+    totals.failures.sort()
+    return totals
+
+
+def _summary(totals: Counts, work_seconds: float, total_seconds: float, num_processes: int) -> str:
+    rate = totals.done / work_seconds if work_seconds > 0 else 0.0
+    return (
+        f"Segmented {totals.done} image(s), skipped {totals.skipped} already written, {len(totals.failures)} failed; "
+        f"{work_seconds:.1f} s ({rate:.2f} images/s) on {num_processes} process(es), {total_seconds:.1f} s in all."
+    )

@@ -1,0 +1,98 @@
+"""Finding inputs, reading video frames, planning outputs and writing them atomically (no model involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from pipeline_diffews.inputs import InputError, VideoFrameReader, discover, probe_video
+from pipeline_diffews.outputs import OutputConflictError, make_plan
+from pipeline_diffews.writers import atomic_path, mask_to_image, overlay, save_png, write_video
+from tests.cli_data import count_video_frames, random_image
+from tests.cli_data import write_video as write_test_video
+
+
+def touch_images(folder: Path, names: list[str]) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        random_image(4, 4, 0).save(folder / name)
+
+
+def test_discover_folder_recursive_sorted_media_only(tmp_path):
+    touch_images(tmp_path, ["b.png", "a/z.jpg", "a/b/c.JPG", ".hidden.png", ".cache/x.png", "out/m.png"])
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "v.MP4").write_bytes(b"")
+
+    sources = discover(tmp_path, exclude=tmp_path / "out")
+
+    assert [s.relative.as_posix() for s in sources] == ["a/b/c.JPG", "a/z.jpg", "b.png", "v.MP4"]
+    assert [s.is_video for s in sources] == [False, False, False, True]
+
+
+def test_discover_glob_file_and_errors(tmp_path):
+    touch_images(tmp_path, ["x/1.png", "x/y/2.png", "x/y/3.jpg"])
+
+    assert [s.relative.as_posix() for s in discover(str(tmp_path / "x" / "**" / "*.png"))] == ["1.png", "y/2.png"]
+    assert [s.relative.as_posix() for s in discover(tmp_path / "x" / "y" / "3.jpg")] == ["3.jpg"]
+    with pytest.raises(InputError, match="no such file"):
+        discover(tmp_path / "missing")
+    with pytest.raises(InputError, match="no images or videos"):
+        discover(str(tmp_path / "*.gif"))
+
+
+def test_plan_paths_and_conflicts(tmp_path):
+    touch_images(tmp_path / "in", ["a.jpg", "s/b.png"])
+    plan = make_plan(discover(tmp_path / "in"), tmp_path / "out", overlay=True)
+    assert [(i.mask_path, i.overlay_path) for i in plan.items] == [
+        (tmp_path / "out/a.png", tmp_path / "out/overlays/a.png"),
+        (tmp_path / "out/s/b.png", tmp_path / "out/overlays/s/b.png"),
+    ]
+    touch_images(tmp_path / "in", ["a.png"])
+    with pytest.raises(OutputConflictError, match="a.jpg and a.png"):
+        make_plan(discover(tmp_path / "in"), tmp_path / "out", overlay=False)
+
+
+def test_plan_reports_unreadable_video(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.mp4").write_bytes(b"not a video")
+    plan = make_plan(discover(tmp_path / "in"), tmp_path / "out", overlay=False)
+    assert plan.items == [] and [name for name, _ in plan.failures] == ["bad.mp4"]
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path):
+    target = tmp_path / "m.png"
+    save_png(mask_to_image(np.ones((3, 5), bool)), target)
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]
+    assert PIL.Image.open(target).size == (5, 3)
+
+
+def test_overlay_tints_only_the_mask():
+    image = PIL.Image.new("RGB", (4, 2), (0, 0, 200))
+    mask = np.zeros((2, 4), bool)
+    mask[0, 1] = True
+    tinted = np.asarray(overlay(image, mask))
+    assert tuple(tinted[0, 1]) == (128, 16, 116) and tuple(tinted[1, 1]) == (0, 0, 200)
+    with pytest.raises(ValueError, match="must match"):
+        overlay(image, mask.T)
+
+
+def test_video_reader_probe_and_writer(tmp_path):
+    video = write_test_video(tmp_path / "v.mp4", num_frames=5, width=32, height=16)
+    assert probe_video(video).num_frames == 5
+    with VideoFrameReader(video) as reader:
+        assert reader.frame(3).size == (32, 16)
+        assert reader.frame(1).size == (32, 16)  # earlier frame: reopens
+        with pytest.raises(OSError, match="frame 7"):
+            reader.frame(7)
+
+    odd = [random_image(33, 21, i) for i in range(3)]
+    assert write_video(odd, tmp_path / "odd.mkv", fps=10) == 3  # no frame count in the header: counted from packets
+    assert probe_video(tmp_path / "odd.mkv").num_frames == 3 == count_video_frames(tmp_path / "odd.mkv")
