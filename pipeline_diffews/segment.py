@@ -199,35 +199,21 @@ def _read_mask(path: str) -> PIL.Image.Image:
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
-    """A saved DiffewS pipeline (folder or Hub repository id) with its weights in `dtype`, on the CPU.
-
-    The components are loaded one by one with the installed classes, whatever `model_index.json` names.
-    """
-    import inspect
-    import os
+    """A saved DiffewS pipeline (folder or Hub repository id) with its weights in `dtype`, on the CPU, quietly."""
     import warnings
 
-    from diffusers import AutoencoderKL
     from diffusers.utils import logging as diffusers_logging
 
     from .pipeline_diffews import DiffewSPipeline
-    from .unet_diffews import DiffewSUNet2DConditionModel
 
-    folder = model
-    if not os.path.isdir(model):
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(model, revision=revision)
-    config = DiffewSPipeline.load_config(folder)
-    settings = {k: config[k] for k in inspect.signature(DiffewSPipeline.__init__).parameters if k in config
-                and k not in ("unet", "vae")}
+    kwargs = {"torch_dtype": dtype} if revision is None else {"torch_dtype": dtype, "revision": revision}
     diffusers_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        unet = DiffewSUNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-    diffusers_logging.enable_progress_bar()
-    pipe = DiffewSPipeline(unet=unet, vae=vae, **settings)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffewSPipeline.from_pretrained(model, **kwargs)
+    finally:
+        diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
