@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import os
 import shutil
 import tempfile
@@ -24,13 +23,8 @@ import PIL.Image
 import PIL.ImageFilter
 import PIL.ImageOps
 import torch
-from diffusers import AutoencoderKL
 
-from pipeline_diffews import (
-    DiffewSPipeline,
-    DiffewSSupport,
-    DiffewSUNet2DConditionModel,
-)
+from pipeline_diffews import DiffewSPipeline, DiffewSSupport
 
 OVERLAY_RGB = (255, 0, 102)  # colour of the object in overlays
 OUTPUT_MAX_AGE_S = 3600  # result files older than this are deleted
@@ -44,27 +38,14 @@ class InputError(ValueError):
 
 
 def load_pipeline(model: str, device: str | None = None) -> DiffewSPipeline:
-    """Loads a saved pipeline folder or Hub repo with the installed classes: fp16 on CUDA, fp32 on CPU.
-
-    Errors (missing folder, offline, bad files) propagate to the caller.
-    """
+    """Loads a saved pipeline folder or Hub repo id: fp16 on CUDA, fp32 on CPU. Errors propagate to the caller."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    folder = model
-    if not os.path.isdir(model):
-        if os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model):
-            raise FileNotFoundError(f"no pipeline folder at {model}")
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(model)
-    config = DiffewSPipeline.load_config(folder)
-    settings = {k: config[k] for k in inspect.signature(DiffewSPipeline.__init__).parameters
-                if k in config and k not in ("unet", "vae")}
+    if not os.path.isdir(model) and (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)):
+        raise FileNotFoundError(f"no pipeline folder at {model}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        unet = DiffewSUNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-    pipe = DiffewSPipeline(unet=unet, vae=vae, **settings)
+        pipe = DiffewSPipeline.from_pretrained(model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

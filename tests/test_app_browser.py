@@ -1,8 +1,8 @@
 """The demo page in headless Chromium (Debian's `chromium` package, driven by Playwright).
 
-Paints a stroke on the first example image, uploads an image to segment, clicks Segment, waits for the overlay, loads
-a one-click example and saves a screenshot. Skipped only when Chromium or Playwright is missing; set DIFFEWS_REQUIRE_BROWSER=1 (as CI does)
-to turn that skip into a failure.
+Paints a stroke on the first example image, uploads an image to segment, clicks Segment, waits for the overlay,
+loads a one-click example and saves a screenshot. Skipped only when Chromium or Playwright is missing; set
+DIFFEWS_REQUIRE_BROWSER=1 (as CI should) to turn that skip into a failure.
 """
 
 from __future__ import annotations
