@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Scores a DiffewS pipeline with the HSNet few-shot protocol (the paper's evaluation).
+
+    python train/evaluate.py --pretrained DIR --dataset coco20i --data-root /data/coco --fold 0 --shots 1 \\
+        --output results.json
+    accelerate launch --num_processes 4 train/evaluate.py ...   # same numbers, 4 GPUs
+
+1000 episodes per fold drawn from numpy seed 0 (class, query, then supports of that class), IoU pooled per class over
+its episodes, mIoU = mean over the fold's classes, FB-IoU = mean of the pooled background and foreground IoU (x100).
+Scored at 512 x 512 with the ground truth nearest-resized, as the paper, or at each image's own size with
+`--resolution original`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python train/evaluate.py` from anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from pipeline_diffews import DiffewSPipeline  # noqa: E402
+from train.data import SOURCES, EvaluationEpisodes, build_source, collate_episodes  # noqa: E402
+from train.metrics import FewShotSegmentationMetric  # noqa: E402
+from train.model_card import DATASET_TITLES, update_model_card  # noqa: E402
+from train.source_options import add_source_option_argument  # noqa: E402
+
+DEFAULT_SPLITS = {"fss1000": "test"}  # every other source is scored on its "val" split
+
+
+def resolution_arg(value: str) -> int | str:
+    if value == "original":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"must be a positive integer or 'original', got {value!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--pretrained", required=True, help="DiffewS pipeline folder or Hub repo.")
+    a("--dataset", required=True, choices=sorted(set(SOURCES) - {"incontext"}))
+    a("--data-root", required=True)
+    a("--fold", type=int, default=None, help="Score the fold's test classes (default: every class).")
+    a("--shots", type=int, required=True, help="Supports per episode.")
+    a("--episodes", type=int, default=1000, help="Episodes (HSNet: 1000 per fold).")
+    a("--seed", type=int, default=0, help="numpy seed of the episode sequence (HSNet: 0).")
+    a("--split", default=None, help="Dataset split (default: val; test for fss1000).")
+    a("--resolution", type=resolution_arg, default=512,
+      help="Process and score at R x R (ground truth nearest-resized; the paper: 512), or 'original': process at "
+           "the pipeline's processing_resolution and score each query at its own size.")
+    a("--threshold-mode", choices=("relative", "absolute"), default=None, help="Default: the pipeline's (relative).")
+    a("--threshold", type=float, default=None, help="Default: the pipeline's (0.25).")
+    a("--batch-size", type=int, default=1, help="Episodes per UNet call.")
+    a("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+      help="Default: float16 on GPU, else float32.")
+    a("--num-workers", type=int, default=2, help="Data loader workers per process.")
+    a("--output", default=None, help="Write the results here as JSON (default: print them).")
+    a("--update-model-card", action="store_true", help="Add the results to --pretrained's README.md model-index.")
+    a("--model-name", default=None, help="Model name of the model-index (default: the card's, else the folder's).")
+    a("--cpu", action="store_true", help="Run on CPU (several processes: accelerate launch --multi_gpu).")
+    add_source_option_argument(p)
+    args = p.parse_args(argv)
+    if args.shots < 1 or args.episodes < 1 or args.batch_size < 1:
+        p.error("--shots, --episodes and --batch-size must be >= 1")
+    if args.update_model_card and not Path(args.pretrained).is_dir():
+        p.error("--update-model-card needs --pretrained to be a local pipeline folder")
+    args.split = args.split or DEFAULT_SPLITS.get(args.dataset, "val")
+    return args
+
+
+def resize_ground_truth(mask: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W] (0 / 1 / 255 ignore) -> [size, size], nearest as HSNet's `F.interpolate(mode="nearest")`."""
+    resized = F.interpolate(torch.from_numpy(np.asarray(mask, dtype=np.uint8))[None, None].float(), size=(size, size))
+    return resized[0, 0].to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def score_episodes(pipe, loader, metric, resolution: int | str, threshold_mode=None, threshold=None, progress=True):
+    """Runs the pipeline on every episode of `loader` (batches of `Episode`s) and adds each to `metric`."""
+    original = resolution == "original"
+    for episodes in tqdm(loader, desc="episodes", disable=not progress):
+        out = pipe(
+            [e.query_image for e in episodes],
+            support_images=[e.support_images for e in episodes],
+            support_masks=[e.support_masks for e in episodes],
+            processing_resolution=None if original else resolution,
+            match_input_resolution=original,
+            threshold_mode=threshold_mode,
+            threshold=threshold,
+            batch_size=len(episodes),
+            output_type="np",
+        )
+        for episode, mask in zip(episodes, out.masks):
+            truth = episode.query_mask if original else resize_ground_truth(episode.query_mask, resolution)
+            metric.update(mask, truth, episode.class_id)
+
+
+def format_table(results: dict) -> str:
+    title = DATASET_TITLES.get(results["dataset"], results["dataset"])
+    fold = "all classes" if results["fold"] is None else f"fold {results['fold']}"
+    lines = [f"{title} {fold}, {results['shots']}-shot, {results['episodes']} episodes", f"{'class':<28}{'IoU':>8}"]
+    lines += [f"{name:<28}{iou:>8.2f}" for name, iou in results["per_class"].items()]
+    lines += [f"{'mIoU':<28}{results['miou']:>8.2f}", f"{'FB-IoU':<28}{results['fb_iou']:>8.2f}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu)
+    with accelerator.main_process_first():
+        source = build_source(args.dataset, args.data_root, args.split, args.fold, "test", **dict(args.source_option))
+    episodes = EvaluationEpisodes(source, shots=args.shots, num_episodes=args.episodes, seed=args.seed)
+    # Disjoint shards without padding: no episode is counted twice, whatever the number of processes.
+    shard = episodes.shard(accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        shard, batch_size=args.batch_size, collate_fn=collate_episodes, num_workers=args.num_workers
+    )
+
+    on_gpu = accelerator.device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
+    pipe = DiffewSPipeline.from_pretrained(args.pretrained, torch_dtype=dtype).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    metric = FewShotSegmentationMetric(num_classes=source.num_classes).to(accelerator.device)
+    score_episodes(pipe, loader, metric, args.resolution, args.threshold_mode, args.threshold,
+                   progress=accelerator.is_local_main_process)
+    scores = metric.compute()  # sums the per-class counts of every process
+
+    results = {
+        "miou": scores["miou"],
+        "fb_iou": scores["fb_iou"],
+        "per_class": {source.class_names[c]: v for c, v in scores["per_class"].items()},
+        "episodes": scores["episodes"],
+        "shots": args.shots,
+        "fold": args.fold,
+        "dataset": args.dataset,
+        "split": args.split,
+        "resolution": args.resolution,
+        "seed": args.seed,
+        "threshold_mode": args.threshold_mode or pipe.config.threshold_mode,
+        "threshold": pipe.config.threshold if args.threshold is None else args.threshold,
+        "pretrained": str(args.pretrained),
+        "processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        print(format_table(results))
+        text = json.dumps(results, indent=2)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text + "\n")
+        else:
+            print(text)
+        if args.update_model_card:
+            path = update_model_card(args.pretrained, results, model_name=args.model_name, pipe=pipe)
+            print(f"Model card updated: {path}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

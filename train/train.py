@@ -1,0 +1,320 @@
+#!/usr/bin/env python
+"""Fine-tunes a DiffewS pipeline on few-shot episodes, on one GPU or many, with Accelerate.
+
+    accelerate launch train/train.py --pretrained DIR --dataset coco20i --data-root /data/coco --fold 0 \\
+        --output-dir runs/coco_fold0
+
+The defaults are the authors' recipe: AdamW (lr 1e-5, weight decay 0.01, betas (0.9, 0.999), eps 1e-8), linear
+decay to 1e-7 without warm-up, gradient clipping 1.0, fp16 on GPU, batch 1 x accumulation 4, 1..2 shots per step,
+loss MSE(unet_output, -z_query_mask). The VAE is frozen; the whole UNet (with `conv_in_ref`) is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python train/train.py` from anywhere
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed  # noqa: E402
+from diffusers.optimization import get_polynomial_decay_schedule_with_warmup  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel  # noqa: E402
+from pipeline_diffews.hub import build_model_card  # noqa: E402
+from train.checkpointing import CheckpointUploader, checkpoint_dir, resolve_resume, rotate_checkpoints  # noqa: E402
+from train.data import SOURCES, TrainingEpisodes, build_source  # noqa: E402
+from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes  # noqa: E402
+from train.source_options import add_source_option_argument  # noqa: E402
+
+logger = get_logger("diffews.train")
+
+
+# Settings that define the episode stream and the schedule: a resumed run must keep them to match an uninterrupted one.
+RESUME_SETTINGS = ("dataset", "fold", "split", "max_steps", "batch_size", "gradient_accumulation_steps", "max_shots",
+                   "resolution", "seed", "learning_rate", "lr_end", "processes")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: training stops before the weights are touched."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--pretrained", required=True, help="DiffewS pipeline folder or Hub repo (from init_from_sd or a converter).")
+    a("--dataset", required=True, choices=sorted(SOURCES), help="Training data source.")
+    a("--data-root", required=True, help="The dataset's folder (incontext: a folder with coco/, ade20k/, voc/).")
+    a("--output-dir", required=True, help="Checkpoints, logs and the final pipeline go here.")
+    a("--split", default="train", help="Dataset split to train on (default: train).")
+    a("--fold", type=int, default=None, help="Train on this fold's training classes (default: all classes).")
+    a("--max-steps", type=int, default=10_000, help="Optimisation steps (10k strict few-shot, 30k in-context).")
+    a("--batch-size", type=int, default=1, help="Episodes per process per micro-step.")
+    a("--gradient-accumulation-steps", type=int, default=4)
+    a("--learning-rate", type=float, default=1e-5)
+    a("--lr-end", type=float, default=1e-7, help="Learning rate at the last step (linear decay, no warm-up).")
+    a("--weight-decay", type=float, default=1e-2)
+    a("--adam-beta1", type=float, default=0.9)
+    a("--adam-beta2", type=float, default=0.999)
+    a("--adam-epsilon", type=float, default=1e-8)
+    a("--max-grad-norm", type=float, default=1.0)
+    a("--max-shots", type=int, default=2, help="Shots per step are drawn uniformly from 1..max_shots.")
+    a("--resolution", type=int, default=512, help="Square training resolution; also the saved pipeline's default.")
+    a("--latent-sampling", choices=("mean", "sample"), default="mean",
+      help="VAE latents of the training images and masks: posterior mean (as at inference) or a sample.")
+    a("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+      help="Default: fp16 on GPU (the authors' recipe), no on CPU.")
+    a("--gradient-checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
+    a("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    a("--checkpointing-steps", type=int, default=2000, help="Save the training state every N steps.")
+    a("--checkpoints-total-limit", type=int, default=3, help="Keep the last K checkpoints (default 3; 0: all).")
+    a("--resume", default=None, help="'latest' or a checkpoint-<step> folder: continue that run exactly.")
+    a("--stop-after-steps", type=int, default=None,
+      help="Save a checkpoint and stop after this many steps of this invocation (for time-limited jobs).")
+    a("--seed", type=int, default=42)
+    a("--dataloader-num-workers", type=int, default=4)
+    a("--report-to", default="tensorboard", help="Accelerate tracker(s): tensorboard, wandb, all, or none.")
+    a("--push-to-hub", metavar="REPO", default=None,
+      help="Upload each checkpoint in the background, and the final pipeline, to this Hub model repo.")
+    a("--hub-token", default=None)
+    a("--hub-private", action="store_true")
+    a("--cpu", action="store_true", help="Train on CPU (several processes: accelerate launch --multi_gpu).")
+    add_source_option_argument(p)
+    args = p.parse_args(argv)
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_shots", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.checkpoints_total_limit < 0:
+        p.error("--checkpoints-total-limit must be >= 0")
+    if args.mixed_precision is None:
+        args.mixed_precision = "fp16" if torch.cuda.is_available() and not args.cpu else "no"
+    return args
+
+
+def make_accelerator(args) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        cpu=args.cpu,
+    )
+
+
+def save_checkpoint(accelerator, args, step: int, uploader) -> None:
+    """`accelerator.save_state` to `<output_dir>/checkpoint-<step>` (all processes), keeping the last K."""
+    if accelerator.is_main_process:
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit or None, uploader)
+    accelerator.wait_for_everyone()
+    folder = checkpoint_dir(args.output_dir, step)
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        info = {"step": step, "args": {**vars(args), "processes": accelerator.num_processes}}
+        (folder / "diffews_training.json").write_text(json.dumps(info, indent=2))
+        logger.info(f"Saved {folder}")
+        if uploader is not None:
+            uploader.submit(folder, f"checkpoints/{folder.name}")
+    accelerator.wait_for_everyone()
+
+
+def save_pipeline(accelerator, args, unet) -> None:
+    """Writes the trained pipeline (UNet in float32, the original VAE and settings) to `args.output_dir`."""
+    state = accelerator.get_state_dict(unet)  # on every process: gathers sharded (FSDP / ZeRO-3) weights
+    if not accelerator.is_main_process:
+        return
+    trained = DiffewSUNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    trained.load_state_dict({k: v.float().cpu() for k, v in state.items()})
+    pipe = DiffewSPipeline.from_pretrained(args.pretrained, unet=trained, processing_resolution=args.resolution)
+    pipe.save_pretrained(args.output_dir)
+    readme = Path(args.output_dir) / "README.md"
+    if args.push_to_hub and not readme.is_file():
+        build_model_card(pipe, repo_id=args.push_to_hub).save(readme)
+    logger.info(f"Saved the trained pipeline to {args.output_dir}")
+
+
+def build_loader(args, accelerator, first_step: int) -> tuple:
+    """The training source and its episode loader from `first_step` on (not yet prepared).
+
+    Step s, slot i of the episode stream is a pure function of (seed, s, i); `accelerator.prepare` gives each process
+    its own block of slots, so processes see disjoint episodes and a resumed run sees the very same ones.
+    """
+    with accelerator.main_process_first():  # the main process writes the dataset's index cache first
+        source = build_source(args.dataset, args.data_root, args.split, args.fold, "train", **dict(args.source_option))
+    accum = args.gradient_accumulation_steps
+    episodes = TrainingEpisodes(
+        source, max_shots=args.max_shots, batch_size=args.batch_size, seed=args.seed,
+        num_steps=args.max_steps * accum, world_size=accelerator.num_processes, start_step=first_step * accum,
+        accumulation_steps=accum,
+    )
+    loader = torch.utils.data.DataLoader(
+        episodes, batch_size=args.batch_size, shuffle=False, collate_fn=EpisodeCollator(args.resolution),
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # worker seeds must not consume the global generator
+    )
+    return source, loader
+
+
+class TrainingParts(NamedTuple):
+    unet: torch.nn.Module  # prepared (DDP / DeepSpeed / FSDP wrapper)
+    vae: torch.nn.Module  # frozen, in the mixed-precision dtype
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    timestep: int
+
+
+def load_models(args, accelerator):
+    """The pipeline's UNet (trained, float32 master weights) and VAE (frozen, cast to the mixed-precision dtype)."""
+    pipe = DiffewSPipeline.from_pretrained(args.pretrained, torch_dtype=torch.float32)
+    unet, vae = pipe.unet, pipe.vae
+    vae.requires_grad_(False).eval()
+    unet.requires_grad_(True).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    vae.to(accelerator.device)
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        vae.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
+    return unet, vae, pipe.config.timestep
+
+
+def make_optimizer(args, accelerator, unet):
+    """AdamW and the linear decay from the learning rate to --lr-end over --max-steps, without warm-up."""
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay, eps=args.adam_epsilon,
+    )
+    # Accelerate steps a prepared scheduler once per process at every optimisation step (DeepSpeed: once).
+    per_step = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes
+    scheduler = get_polynomial_decay_schedule_with_warmup(
+        optimizer, 0, args.max_steps * per_step, lr_end=args.lr_end, power=1.0
+    )
+    return optimizer, scheduler
+
+
+def check_resume(args, accelerator, resume) -> int:
+    """The step to start from; warns when the checkpoint was made with settings that change the episode stream."""
+    if resume is None:
+        if args.resume:
+            logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
+        return 0
+    step, folder = resume
+    if step > args.max_steps:
+        raise ValueError(f"{folder} is at step {step}, beyond --max-steps {args.max_steps}.")
+    info = folder / "diffews_training.json"
+    if info.is_file():
+        saved = json.loads(info.read_text())
+        now = {**vars(args), "processes": accelerator.num_processes}
+        changed = [k for k in RESUME_SETTINGS if saved.get("args", {}).get(k) != now.get(k)]
+        if changed:
+            logger.warning(f"Resuming with other {', '.join(changed)} than {folder}: the run will differ from an "
+                           "uninterrupted one.")
+    return step
+
+
+def run_steps(args, accelerator, parts: TrainingParts, loader, step: int, last_step: int, uploader) -> int:
+    """Optimisation steps `step + 1 .. last_step`; returns the last step done."""
+    unet, optimizer, scheduler = parts.unet, parts.optimizer, parts.scheduler
+    accum, sample = args.gradient_accumulation_steps, args.latent_sampling == "sample"
+    progress = tqdm(total=args.max_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    step_loss = 0.0
+    for pixels in loader:
+        with accelerator.accumulate(unet):
+            latents = encode_episodes(parts.vae, pixels, sample=sample)
+            loss = diffews_loss(unet, latents, parts.timestep)
+            losses = accelerator.gather(loss.detach().reshape(1))  # every process sees every process's loss
+            if not torch.isfinite(losses).all():
+                raise NonFiniteLossError(
+                    f"The loss is {losses.tolist()} at step {step + 1} (shots {pixels.support.shape[1]}): stopping "
+                    "before the weights are updated. Lower --learning-rate, try --mixed-precision bf16 or no, or "
+                    "check the data; resume from the last good checkpoint with --resume."
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += losses.float().mean().item() / accum
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        lr = scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{lr:.3g}")
+        accelerator.log({"loss": step_loss, "lr": lr, "shots": pixels.support.shape[1]}, step=step)
+        step_loss = 0.0
+        if step % args.checkpointing_steps == 0 or step == last_step < args.max_steps:
+            save_checkpoint(accelerator, args, step, uploader)
+        if step >= last_step:
+            break
+    progress.close()
+    return step
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # set by an Accelerate config
+        logger.warning(f"Gradient accumulation: {accelerator.gradient_accumulation_steps} steps (Accelerate config).")
+        args.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
+    set_seed(args.seed)
+    resume = resolve_resume(args.resume, args.output_dir)
+    first_step = check_resume(args, accelerator, resume)
+
+    unet, vae, timestep = load_models(args, accelerator)
+    optimizer, scheduler = make_optimizer(args, accelerator, unet)
+    source, loader = build_loader(args, accelerator, first_step)
+    unet, optimizer, loader, scheduler = accelerator.prepare(unet, optimizer, loader, scheduler)
+    if resume:
+        accelerator.load_state(str(resume[1]))
+        logger.info(f"Resumed from {resume[1]} (step {first_step})")
+    uploader = None
+    if args.push_to_hub and accelerator.is_main_process:
+        uploader = CheckpointUploader(args.push_to_hub, token=args.hub_token, private=args.hub_private or None)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("diffews", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in vars(args).items()})
+    logger.info(
+        f"{len(source.class_ids)} classes, {args.max_steps} steps of {args.batch_size} x "
+        f"{args.gradient_accumulation_steps} x {accelerator.num_processes} episodes, "
+        f"{accelerator.mixed_precision} precision, from step {first_step}"
+    )
+
+    last_step = args.max_steps
+    if args.stop_after_steps is not None:
+        last_step = min(args.max_steps, first_step + args.stop_after_steps)
+    step = first_step
+    if step < last_step:
+        parts = TrainingParts(unet, vae, optimizer, scheduler, timestep)
+        step = run_steps(args, accelerator, parts, loader, step, last_step, uploader)
+    accelerator.wait_for_everyone()
+    if step >= args.max_steps:
+        save_pipeline(accelerator, args, unet)
+        if uploader is not None:
+            uploader.submit(args.output_dir, "", ignore_patterns=["checkpoint-*"],
+                            commit_message="Trained DiffewS pipeline")
+    else:
+        logger.info(f"Stopped at step {step} of {args.max_steps}: continue with --resume latest.")
+    failed = bool(uploader.wait()) if uploader is not None else False
+    if failed:
+        logger.error(f"Some uploads to {args.push_to_hub} failed; every file is still in {args.output_dir}.")
+    accelerator.end_training()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except NonFiniteLossError as error:
+        logging.getLogger("diffews.train").error(str(error))
+        sys.exit(2)
