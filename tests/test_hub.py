@@ -110,7 +110,7 @@ def test_model_cpu_offload_runs_through_device_hooks(saved_pipeline, pipe):
     assert hasattr(offloaded.unet, "_hf_hook")
     support = offloaded.encode_support([SUPPORT], [MASK])
     result = offloaded(QUERY, support=support).probabilities[0]
-    np.testing.assert_allclose(result, _run(pipe), atol=1e-6)
+    np.testing.assert_allclose(result, _run(pipe), atol=1e-5)
 
 
 def test_push_to_hub_uploads_folder_with_model_card(pipe, monkeypatch, tmp_path):
