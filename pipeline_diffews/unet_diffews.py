@@ -52,12 +52,26 @@ class SupportKeyValues:
         return cls(layers, sum(item.num_episodes for item in items), items[0].num_shots)
 
 
-class _KVFusionState:
-    """What the self-attention processors do during one UNet forward: record support K/V, or fuse them."""
+class _SupportPassComplete(Exception):
+    """Ends a support pass early: every self-attention layer has recorded its K/V, nothing later can change them."""
 
-    def __init__(self, record_shots: int | None = None, support: SupportKeyValues | None = None):
+
+class _KVFusionState:
+    """What the self-attention processors do during one UNet forward: record support K/V, or fuse them.
+
+    With `stop_after_layers`, recording raises `_SupportPassComplete` once that many layers have recorded their K/V,
+    so the rest of the forward (the last layer's attention, its feed-forward, the output convolution) is skipped.
+    """
+
+    def __init__(
+        self,
+        record_shots: int | None = None,
+        support: SupportKeyValues | None = None,
+        stop_after_layers: int | None = None,
+    ):
         self.record_shots = record_shots
         self.support = support
+        self.stop_after_layers = stop_after_layers
         self.recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers_fused = 0
 
@@ -71,6 +85,8 @@ class _KVFusionState:
                 key.reshape(episodes, self.record_shots * tokens, channels),
                 value.reshape(episodes, self.record_shots * tokens, channels),
             )
+            if self.stop_after_layers is not None and len(self.recorded) == self.stop_after_layers:
+                raise _SupportPassComplete
             return key, value
         if name not in self.support.layers:
             raise RuntimeError(f"The support cache has no keys for layer {name!r}: it was made by another UNet.")
@@ -270,14 +286,20 @@ class DiffewSUNet2DConditionModel(UNet2DConditionModel):
         flat = support_sample.flatten(0, 1)
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.repeat_interleave(shots, dim=0)
-        recorder = _KVFusionState(record_shots=shots)
+        # At inference the forward stops after the last self-attention layer has recorded its K/V. With gradients
+        # it runs to the end, so that recomputation (gradient checkpointing) sees the forward it recorded.
+        stop_after = None if torch.is_grad_enabled() else len(self.self_attention_layers)
+        recorder = _KVFusionState(record_shots=shots, stop_after_layers=stop_after)
         with self._support_input():
-            super().forward(
-                flat,
-                timestep,
-                self._conditioning(encoder_hidden_states, flat.shape[0]),
-                cross_attention_kwargs={"kv_fusion": recorder},
-            )
+            try:
+                super().forward(
+                    flat,
+                    timestep,
+                    self._conditioning(encoder_hidden_states, flat.shape[0]),
+                    cross_attention_kwargs={"kv_fusion": recorder},
+                )
+            except _SupportPassComplete:
+                pass
         self._check_all_layers_took_part(len(recorder.recorded))
         return SupportKeyValues(recorder.recorded, episodes, shots)
 

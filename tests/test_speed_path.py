@@ -1,0 +1,174 @@
+"""The CPU fast path: bfloat16 weights on CPU, one VAE batch per uncached call, the support pass cut short."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline_diffews.pipeline_diffews as pipeline_module
+from pipeline_diffews import DiffewSPipeline
+from tests.tiny_models import RESOLUTION, tiny_unet, tiny_vae
+
+
+def _pipeline(**config) -> DiffewSPipeline:
+    pipe = DiffewSPipeline(unet=tiny_unet(0), vae=tiny_vae(1), processing_resolution=RESOLUTION, **config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _random_image(rng, h, w):
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _random_mask(rng, h, w):
+    mask = np.zeros((h, w), dtype=bool)
+    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    mask[top : top + h // 3, left : left + w // 3] = True
+    return mask
+
+
+def _episode(shots):
+    """The parity test's cases: random supports of varied sizes with box masks, a 72 x 100 query."""
+    rng = np.random.default_rng(shots)
+    supports = [_random_image(rng, 80 + 8 * i, 96) for i in range(shots)]
+    masks = [_random_mask(rng, s.height, s.width) for s in supports]
+    return supports, masks, _random_image(rng, 72, 100)
+
+
+@pytest.fixture(scope="module")
+def float32_and_bfloat16():
+    return _pipeline(cpu_bfloat16=False), _pipeline(cpu_bfloat16=True)
+
+
+@pytest.mark.parametrize("shots", [1, 2, 5])
+def test_bfloat16_masks_agree_with_float32(float32_and_bfloat16, shots):
+    exact, fast = float32_and_bfloat16
+    supports, masks, query = _episode(shots)
+    kwargs = dict(support_images=supports, support_masks=masks, match_input_resolution=False)
+    reference = exact(query, **kwargs).probabilities[0]
+    result = fast(query, **kwargs)
+    assert result.probabilities[0].dtype == np.float32
+    assert np.abs(result.probabilities[0] - reference).mean() < 0.01
+    for threshold in (0.25, 0.9):  # relative thresholds: the default mode, and one that cuts through the map
+        expected = exact(query, threshold=threshold, **kwargs).masks[0]
+        agreement = (fast(query, threshold=threshold, **kwargs).masks[0] == expected).mean()
+        assert agreement >= 0.995, (threshold, agreement)
+    # An absolute threshold at the median of a random model's map has ~11 % of its pixels within 0.01 of it, closer
+    # than bfloat16's rounding: there masks agree on >= 97 % of pixels, and on every pixel 0.05 away from the threshold.
+    median = float(np.median(reference))
+    mask = fast(query, threshold_mode="absolute", threshold=median, **kwargs).masks[0]
+    assert (mask == (reference > median)).mean() >= 0.97
+    clear = np.abs(reference - median) > 0.05
+    assert (mask[clear] == (reference > median)[clear]).all()
+    assert fast.unet.dtype == torch.bfloat16 and exact.unet.dtype == torch.float32
+
+
+def test_bfloat16_path_converts_once_to_channels_last(float32_and_bfloat16):
+    _, fast = float32_and_bfloat16
+    supports, masks, query = _episode(1)
+    fast(query, support_images=supports, support_masks=masks)
+    assert fast.unet.dtype == torch.bfloat16 and fast.vae.dtype == torch.bfloat16
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    weight = fast.unet.conv_in.weight
+    fast(query, support_images=supports, support_masks=masks)
+    assert fast.unet.conv_in.weight is weight  # not converted again
+
+
+def test_cached_support_from_bfloat16_path(float32_and_bfloat16):
+    exact, fast = float32_and_bfloat16
+    supports, masks, query = _episode(2)
+    support = fast.encode_support(supports, masks)
+    cached = fast(query, support=support).probabilities[0]
+    uncached = fast(query, support_images=supports, support_masks=masks).probabilities[0]
+    np.testing.assert_allclose(cached, uncached, atol=2e-2)
+    expected = exact(query, support=exact.encode_support(supports, masks)).masks[0]
+    assert (fast(query, support=support).masks[0] == expected).mean() >= 0.995
+
+
+def test_auto_keeps_small_models_exact(monkeypatch):
+    pipe = _pipeline()
+    assert pipe.config.cpu_bfloat16 == "auto"
+    supports, masks, query = _episode(1)
+    pipe(query, support_images=supports, support_masks=masks)
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
+
+    monkeypatch.setattr(pipeline_module, "CPU_BFLOAT16_MIN_PARAMETERS", 0)  # as if this were the full-size UNet
+    monkeypatch.setattr(pipeline_module, "_cpu_bfloat16_supported", lambda: True)
+    pipe.encode_support(supports, masks)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+
+    exact = _pipeline(cpu_bfloat16=False)
+    exact(query, support_images=supports, support_masks=masks)
+    assert exact.unet.dtype == torch.float32
+
+
+def test_auto_needs_native_bfloat16(monkeypatch):
+    monkeypatch.setattr(pipeline_module, "CPU_BFLOAT16_MIN_PARAMETERS", 0)
+    monkeypatch.setattr(pipeline_module, "_cpu_bfloat16_supported", lambda: False)
+    pipe = _pipeline()
+    supports, masks, query = _episode(1)
+    pipe(query, support_images=supports, support_masks=masks)
+    assert pipe.unet.dtype == torch.float32
+
+
+def test_weights_in_another_dtype_are_kept():
+    pipe = _pipeline(cpu_bfloat16=True)
+    torch.nn.Module.to(pipe.unet, torch.float64), torch.nn.Module.to(pipe.vae, torch.float64)
+    supports, masks, query = _episode(1)
+    pipe(query, support_images=supports, support_masks=masks)
+    assert pipe.unet.dtype == torch.float64 and pipe.vae.dtype == torch.float64
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_invalid_setting_is_refused(value):
+    with pytest.raises(ValueError, match="cpu_bfloat16"):
+        _pipeline(cpu_bfloat16=value)
+
+
+def test_setting_is_saved_and_can_be_overridden(tmp_path):
+    _pipeline(cpu_bfloat16=True).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["cpu_bfloat16"] is True
+    assert DiffewSPipeline.from_pretrained(tmp_path).config.cpu_bfloat16 is True
+    assert DiffewSPipeline.from_pretrained(tmp_path, cpu_bfloat16=False).config.cpu_bfloat16 is False
+
+
+def test_uncached_call_encodes_supports_and_query_in_one_vae_batch(monkeypatch):
+    pipe = _pipeline(cpu_bfloat16=False)
+    batches = []
+    encode = pipe.vae.encode
+
+    def counting_encode(pixels, *args, **kwargs):
+        batches.append(pixels.shape[0])
+        return encode(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "encode", counting_encode)
+    supports, masks, query = _episode(2)
+    uncached = pipe([query, query.transpose(Image.FLIP_LEFT_RIGHT)], support_images=supports, support_masks=masks)
+    assert batches == [2 + 2 + 1, 1]  # support images, support masks and the first query; then the second query
+    monkeypatch.undo()
+    support = pipe.encode_support(supports, masks)
+    cached = pipe([query, query.transpose(Image.FLIP_LEFT_RIGHT)], support=support)
+    for a, b in zip(uncached.probabilities, cached.probabilities):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_support_pass_stops_after_last_self_attention():
+    """At inference the support pass skips what follows the last self-attention layer, with the same K/V."""
+    unet = tiny_unet(0)
+    calls = []
+    unet.conv_out.register_forward_hook(lambda *args: calls.append("conv_out"))
+    support = torch.randn(1, 2, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stopped = unet.encode_support(support)
+    assert calls == []
+    full = unet.encode_support(support)  # gradients enabled: the forward runs to the end
+    assert calls == ["conv_out"]
+    assert stopped.layers.keys() == full.layers.keys() and len(stopped.layers) == len(unet.self_attention_layers)
+    for name in full.layers:
+        for a, b in zip(stopped.layers[name], full.layers[name]):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
