@@ -65,10 +65,13 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=5, help="cached DiffewS queries (per-query median)")
     parser.add_argument("--with-float32", action="store_true", help="also the exact float32 DiffewS path")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 3 cached queries")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--output", help="write the results as JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.queries = 1, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     device = args.device
     info = machine()

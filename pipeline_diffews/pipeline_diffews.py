@@ -34,6 +34,9 @@ OUTPUT_TYPES = ("np", "pt", "pil")
 THRESHOLD_MODES = ("relative", "absolute")
 # "auto" converts UNets of at least this size (Stable Diffusion's has 866M parameters); small models stay exact.
 CPU_BFLOAT16_MIN_PARAMETERS = 100_000_000
+# Images per VAE encoder call when supports and queries are encoded together: bounds the activation memory
+# (about 0.3 GiB per 512 x 512 image in bfloat16, 0.6 GiB in float32).
+VAE_ENCODE_BATCH = 4
 
 logger = logging.get_logger(__name__)
 
@@ -438,11 +441,12 @@ class DiffewSPipeline(DiffusionPipeline):
 
     def _support_latents(self, support_sets, resolution: int, queries=()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Support sets (E of them, N shots each) -> [E, N, 8, h, w] (image latent then mask latent), and the latents
-        [Q, 4, h, w] of `queries` (None without queries): support images, masks and queries in one VAE batch."""
+        [Q, 4, h, w] of `queries` (None without queries): support images, masks and queries encoded together, in VAE
+        batches of up to `VAE_ENCODE_BATCH` images."""
         images = [self.image_processor.image_to_tensor(img, resolution) for imgs, _ in support_sets for img in imgs]
         masks = [self.image_processor.mask_to_tensor(msk, resolution) for _, msks in support_sets for msk in msks]
-        pixels = images + masks + [self.image_processor.image_to_tensor(q, resolution) for q in queries]
-        latents = self._encode_latents(torch.stack(pixels))
+        pixels = torch.stack(images + masks + [self.image_processor.image_to_tensor(q, resolution) for q in queries])
+        latents = torch.cat([self._encode_latents(chunk) for chunk in pixels.split(VAE_ENCODE_BATCH)])
         image_latents, mask_latents = latents[: len(images)], latents[len(images) : len(images) + len(masks)]
         episodes, shots = len(support_sets), len(support_sets[0][0])
         support = torch.cat([image_latents, mask_latents], dim=1).unflatten(0, (episodes, shots))

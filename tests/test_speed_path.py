@@ -149,12 +149,23 @@ def test_uncached_call_encodes_supports_and_query_in_one_vae_batch(monkeypatch):
     monkeypatch.setattr(pipe.vae, "encode", counting_encode)
     supports, masks, query = _episode(2)
     uncached = pipe([query, query.transpose(Image.FLIP_LEFT_RIGHT)], support_images=supports, support_masks=masks)
-    assert batches == [2 + 2 + 1, 1]  # support images, support masks and the first query; then the second query
+    # support images, support masks and the first query, in batches of up to 4; then the second query
+    assert batches == [4, 1, 1]
     monkeypatch.undo()
     support = pipe.encode_support(supports, masks)
     cached = pipe([query, query.transpose(Image.FLIP_LEFT_RIGHT)], support=support)
     for a, b in zip(uncached.probabilities, cached.probabilities):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_single_shot_call_encodes_once(monkeypatch):
+    pipe = _pipeline(cpu_bfloat16=False)
+    batches = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda pixels: batches.append(pixels.shape[0]) or encode(pixels))
+    supports, masks, query = _episode(1)
+    pipe(query, support_images=supports, support_masks=masks)
+    assert batches == [3]  # support image, support mask and query: one VAE batch
 
 
 def test_support_pass_stops_after_last_self_attention():
