@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,7 @@ def load_pipeline(model: str, device: str | None = None) -> DiffewSPipeline:
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if not os.path.isdir(model) and (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)):
         raise FileNotFoundError(f"no pipeline folder at {model}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = DiffewSPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = DiffewSPipeline.from_pretrained(model, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

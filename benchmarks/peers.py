@@ -88,7 +88,9 @@ def main(argv=None) -> int:
                          cpu_s=result["cpu_s"], peak_mib=result["peak_mib"], added_mib=result["added_mib"], **extra))
         print(f"  {method:45s} {result['median']:.2f} s", flush=True)
 
-    for dtype in (torch.float32, torch.bfloat16):
+    on_gpu = device.startswith("cuda")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if on_gpu else (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
         seggpt = SegGpt(dtype, device)
         name = str(dtype).split(".")[-1]
         result = time_calls(lambda: seggpt(query, support_image, support_mask), args.repeats, warmup=1, device=device)
@@ -97,19 +99,19 @@ def main(argv=None) -> int:
         gc.collect()
 
     unet, vae = sd21_components()
-    if device.startswith("cuda"):
-        unet.to(device), vae.to(device)
-    pipelines = [("defaults", DiffewSPipeline(unet=unet, vae=vae, processing_resolution=common.RESOLUTION))]
+    pipe = DiffewSPipeline(unet=unet, vae=vae, processing_resolution=common.RESOLUTION)
+    # On a GPU the pipeline runs in the dtype it is loaded in: float16, as users load it there.
+    pipelines = [("float16", pipe.to(device, torch.float16))] if on_gpu else [("defaults", pipe)]
     if args.with_float32:
         exact_unet, exact_vae = sd21_components(copy_weights=True)
-        if device.startswith("cuda"):
+        if on_gpu:
             exact_unet.to(device), exact_vae.to(device)
         pipelines.append(("float32", DiffewSPipeline(unet=exact_unet, vae=exact_vae, cpu_bfloat16=False,
                                                      processing_resolution=common.RESOLUTION)))
     for label, pipe in pipelines:
         pipe.set_progress_bar_config(disable=True)
         pipe(query, support_images=[support_image], support_masks=[support_mask])  # warm-up (converts, on CPU)
-        name = f"DiffewS, {label} ({str(pipe.unet.dtype).split('.')[-1]})"
+        name = f"DiffewS, {label}" if on_gpu else f"DiffewS, {label} ({str(pipe.unet.dtype).split('.')[-1]})"
         parameters = sum(p.numel() for m in (pipe.unet, pipe.vae) for p in m.parameters())
         result = time_calls(lambda: pipe(query, support_images=[support_image], support_masks=[support_mask]),
                             args.repeats, warmup=0, device=device)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
     print()
     print_table(rows, [("method", "method", ""), ("resolution", "px", "d"), ("median_s", "median s", ".2f"),
                        ("cpu_s", "CPU s", ".1f"), ("speedup_vs_float32", "x SegGPT fp32", ".2f"),
-                       ("speedup_vs_bfloat16", "x SegGPT bf16", ".2f"), ("peak_mib", "peak MiB", ".0f"),
+                       ("speedup_vs_bfloat16", "x SegGPT bf16", ".2f"),
+                       ("speedup_vs_float16", "x SegGPT fp16", ".2f"), ("peak_mib", "peak MiB", ".0f"),
                        ("added_mib", "added MiB", ".0f")])
     if args.output:
         write_json(args.output, dict(machine=info, command=command, args=vars(args), rows=rows))

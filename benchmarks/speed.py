@@ -96,6 +96,13 @@ class AuthorsWay:
 
     @torch.no_grad()
     def __call__(self, query, support_images, support_masks) -> np.ndarray:
+        prediction = self.predict(query, support_images, support_masks)
+        mask = (prediction.mean(0) > 0.25 * prediction.max())[None, None].float()
+        return F.interpolate(mask, size=(query.height, query.width), mode="nearest")[0, 0].bool().numpy()
+
+    @torch.no_grad()
+    def predict(self, query, support_images, support_masks) -> torch.Tensor:
+        """The decoded prediction [3, R, R] in [0, 1] at the processing resolution."""
         processors = self.unet.attn_processors
         self.unet.set_attn_processor({name: AuthorsKVProcessor(name, self.bank) for name in processors})
         try:
@@ -116,9 +123,7 @@ class AuthorsWay:
             self.bank["mode"] = "off"
             self.bank["kv"].clear()
             self.unet.set_attn_processor(processors)
-        prediction = ((decoded.float().clamp(-1, 1) + 1) / 2)[0].cpu()  # [3, R, R]
-        mask = (prediction.mean(0) > 0.25 * prediction.max())[None, None].float()
-        return F.interpolate(mask, size=(query.height, query.width), mode="nearest")[0, 0].bool().numpy()
+        return ((decoded.float().clamp(-1, 1) + 1) / 2)[0].cpu()
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -207,11 +212,29 @@ def run_cpu(args) -> dict:
         exact_rows[0]["mask_agreement_vs_authors"] = float((exact_rows[0]["mask"] == outputs["authors"]).mean())
         fast_rows = ours_rows(fast, f"ours, defaults ({str(fast.unet.dtype).split('.')[-1]})", data, args,
                               authors_median, reference_masks=exact_rows[0]["mask"])
+        if shots == 1 and not args.no_parity:
+            exact_rows[0].update(parity_at_processing_resolution(authors, exact, data))
         for row in exact_rows + fast_rows:
             row.pop("mask", None)
             print(f"  {row['method']:40s} {row['median_s']:.2f} s  x{row['speedup_vs_authors']:.1f}", flush=True)
         rows += exact_rows + fast_rows
     return dict(rows=rows, first_call_with_conversion_s=first_call)
+
+
+def parity_at_processing_resolution(authors: AuthorsWay, pipe, data: dict) -> dict:
+    """Ours vs the authors' way at the processing resolution, where both threshold the same map (at the query's size
+    the authors' code upsamples the mask with nearest neighbours, the pipeline the probabilities bilinearly)."""
+    query, support_images, support_masks = data["queries"][0], data["support_images"], data["support_masks"]
+    prediction = authors.predict(query, support_images, support_masks)
+    reference = prediction.mean(0).numpy()
+    reference_mask = reference > 0.25 * prediction.max().item()
+    out = pipe(query, support_images=support_images, support_masks=support_masks, match_input_resolution=False)
+    parity = dict(parity_mask_agreement=float((out.masks[0] == reference_mask).mean()),
+                  parity_max_abs_probability=float(np.abs(out.probabilities[0] - reference).max()))
+    print(f"  parity with the authors' way at {reference.shape[0]} px: masks agree on "
+          f"{100 * parity['parity_mask_agreement']:.2f} % of pixels, max |p - p_ref| "
+          f"{parity['parity_max_abs_probability']:.2e}", flush=True)
+    return parity
 
 
 def run_cuda(args) -> dict:
@@ -300,7 +323,8 @@ def plot(results: dict, path: str, shots: int = 1) -> None:
     ax.set_xlabel("queries segmented with the same supports")
     ax.set_ylabel("seconds per query (log)")
     info = results["machine"]
-    ax.set_title(f"DiffewS, {shots}-shot, 512 px, SD 2.1 sizes: {info.get('gpu') or info['cpu_model']}", fontsize=9)
+    where = info.get("gpu") or f"{info['cpu_model']}, {info['cpu_count']} cores, {info['torch_threads']} threads"
+    ax.set_title(f"DiffewS, {shots}-shot, 512 px, SD 2.1 sizes, random weights: {where}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -323,6 +347,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="cached batches (CUDA)")
     parser.add_argument("--quick", action="store_true", help="1 shot, 1 repeat, 3 cached queries")
     parser.add_argument("--no-warmup-fp32", action="store_true", help="skip the untimed float32 warm-up calls")
+    parser.add_argument("--no-parity", action="store_true", help="skip the 1-shot parity check with the authors' way")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--output", help="write the results as JSON")
     parser.add_argument("--plot", help="write the latency-vs-queries plot (PNG) of the 1-shot rows")
@@ -350,7 +375,7 @@ def main(argv=None) -> int:
     print_table(results["rows"], [
         ("shots", "shots", "d"), ("method", "method", ""), ("median_s", "median s", ".2f"), ("cpu_s", "CPU s", ".1f"),
         ("speedup_vs_authors", "x authors", ".1f"), ("peak_mib", "peak MiB", ".0f"), ("added_mib", "added MiB", ".0f"),
-        ("mask_agreement_vs_float32", "agree vs fp32", ".4f"),
+        ("mask_agreement_vs_float32", "agree vs fp32", ".4f"), ("parity_mask_agreement", "agree vs authors @512", ".4f"),
     ])
     if results.get("throughput"):
         print()

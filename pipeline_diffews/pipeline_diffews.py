@@ -81,6 +81,56 @@ class DiffewSSupport:
     processing_resolution: int
 
 
+def split_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           eps: float, row_length: int = 8192) -> torch.Tensor:
+    """`F.group_norm` for a contiguous x [N, C, ...], with the statistics reduced over many short rows.
+
+    Each group's elements are cut into equal contiguous rows of at least `row_length`; the rows' means and
+    variances combine exactly (law of total variance) in float32, then one fused multiply-add normalises in x's
+    dtype. Falls back to `F.group_norm` where the groups are too small to cut.
+    """
+    n, c = x.shape[:2]
+    group_size = x.numel() // (n * num_groups)
+    rows = 1
+    while group_size % (rows * 2) == 0 and group_size // (rows * 2) >= row_length:
+        rows *= 2
+    if rows == 1 or not x.is_contiguous():
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    var, mean = torch.var_mean(x.view(n, num_groups, rows, -1), dim=-1, correction=0)
+    mean, var = mean.float(), var.float()  # [N, G, rows]
+    group_var = var.mean(-1) + mean.var(-1, correction=0)  # [N, G]
+    scale = torch.rsqrt(group_var + eps).repeat_interleave(c // num_groups, dim=1)  # [N, C]
+    shift = -mean.mean(-1).repeat_interleave(c // num_groups, dim=1) * scale
+    if weight is not None:
+        scale, shift = scale * weight.float(), shift * weight.float() + bias.float()
+    shape = (n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+
+
+class SplitStatsGroupNorm(torch.nn.GroupNorm):
+    """`torch.nn.GroupNorm` that uses `split_stats_group_norm` on CUDA.
+
+    PyTorch's CUDA kernel gives each (sample, group) pair one thread block: 32 blocks for a batch-1 VAE feature map
+    of 128 x 512 x 512, a small part of a GPU, and GroupNorm was 45 % of a cached DiffewS query's GPU time
+    (docs/benchmarks.md). Same parameters and state dict as `GroupNorm`; on other devices it is `GroupNorm`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return super().forward(x)
+        return split_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def use_split_stats_group_norm(module: torch.nn.Module) -> int:
+    """Turns every `GroupNorm` in `module` into a `SplitStatsGroupNorm` in place; returns how many."""
+    count = 0
+    for child in module.modules():
+        if type(child) is torch.nn.GroupNorm:
+            child.__class__ = SplitStatsGroupNorm
+            count += 1
+    return count
+
+
 class DiffewSImageProcessor:
     """Turns user images and masks into model tensors, and model outputs back into masks.
 
@@ -207,12 +257,14 @@ class DiffewSPipeline(DiffusionPipeline):
 
     `cpu_bfloat16` is the CPU fast path. When the pipeline runs on CPU with float32 weights, the UNet and VAE are
     converted once, in place, to bfloat16 with channels_last convolution weights, at the first call (or
-    `encode_support`); outputs stay float32. About 4x faster on CPUs with native bfloat16 (AVX512-BF16, AMX), with
-    masks agreeing with the float32 path on >= 99.5 % of pixels. `"auto"` (default) does this for full-size models
-    (UNet >= 100M parameters) on CPUs with native bfloat16; `True` always on CPU; `False` never: the exact
-    float32 path. Set it before the first call (`DiffewSPipeline.from_pretrained(path, cpu_bfloat16=False)` or
-    `pipe.register_to_config(cpu_bfloat16=False)`): once converted, the weights stay bfloat16. GPUs, model CPU offload
-    and weights loaded in another dtype (`torch_dtype=...`) are never converted.
+    `encode_support`); outputs stay float32. On CPUs with native bfloat16 (AVX512-BF16, AMX) a call takes about half
+    the time (docs/benchmarks.md). Probabilities move by a few thousandths, so pixels within that distance of the
+    threshold can flip: with random weights, whose maps put many pixels there, masks agree with the float32 path
+    on about 99 % of pixels. `"auto"` (default) converts full-size models (UNet >= 100M parameters) on CPUs with
+    native bfloat16; `True` converts on any CPU; `False` never: the exact float32 path. Set it before the first call
+    (`DiffewSPipeline.from_pretrained(path, cpu_bfloat16=False)` or `pipe.register_to_config(cpu_bfloat16=False)`):
+    once converted, the weights stay bfloat16. GPUs, model CPU offload and weights loaded in another dtype
+    (`dtype=...` in `from_pretrained`) are never converted.
     """
 
     model_cpu_offload_seq = "vae->unet"
@@ -419,6 +471,13 @@ class DiffewSPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ model steps
 
+    def _prepare_for_device(self) -> None:
+        """Once per device: the CPU bfloat16 conversion, or on CUDA the GPU-wide GroupNorm statistics."""
+        self._prepare_cpu_bfloat16()
+        if self._execution_device.type == "cuda":
+            use_split_stats_group_norm(self.unet)
+            use_split_stats_group_norm(self.vae)
+
     def _prepare_cpu_bfloat16(self) -> None:
         """Converts a float32 UNet and VAE running on CPU to bfloat16 + channels_last, once, as `cpu_bfloat16` asks."""
         setting = self.config.get("cpu_bfloat16", "auto")
@@ -469,7 +528,7 @@ class DiffewSPipeline(DiffusionPipeline):
         resolution = processing_resolution or self.config.processing_resolution
         self._check_resolution(resolution)
         support_set = self._check_support_set(support_images, support_masks)
-        self._prepare_cpu_bfloat16()
+        self._prepare_for_device()
         key_values, _ = self._run_support_pass([support_set], resolution)
         return DiffewSSupport(key_values=key_values, num_shots=len(support_set[0]), processing_resolution=resolution)
 
@@ -533,7 +592,7 @@ class DiffewSPipeline(DiffusionPipeline):
         )
 
         # 2. Shared supports: one support pass for all queries (its VAE batch also encodes the first batch's queries)
-        self._prepare_cpu_bfloat16()
+        self._prepare_for_device()
         batches = self._batches(len(queries), batch_size, support, support_sets)
         shared, query_latents = None, None
         if support is not None and not isinstance(support, (list, tuple)):

@@ -200,18 +200,14 @@ def _read_mask(path: str) -> PIL.Image.Image:
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
     """A saved DiffewS pipeline (folder or Hub repository id) with its weights in `dtype`, on the CPU, quietly."""
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
 
     from .pipeline_diffews import DiffewSPipeline
 
-    kwargs = {"torch_dtype": dtype} if revision is None else {"torch_dtype": dtype, "revision": revision}
+    kwargs = {"dtype": dtype} if revision is None else {"dtype": dtype, "revision": revision}
     diffusers_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffewSPipeline.from_pretrained(model, **kwargs)
+        pipe = DiffewSPipeline.from_pretrained(model, **kwargs)
     finally:
         diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)

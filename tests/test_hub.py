@@ -93,7 +93,7 @@ def test_remote_pipeline_saves_again(saved_pipeline, tmp_path):
 
 
 def test_bfloat16_agrees_with_float32(saved_pipeline, pipe):
-    bf16 = DiffewSPipeline.from_pretrained(saved_pipeline, torch_dtype=torch.bfloat16)
+    bf16 = DiffewSPipeline.from_pretrained(saved_pipeline, dtype=torch.bfloat16)
     bf16.set_progress_bar_config(disable=True)
     assert bf16.unet.dtype == torch.bfloat16 and bf16.vae.dtype == torch.bfloat16
     probability = bf16(QUERY, support_images=[SUPPORT], support_masks=[MASK], threshold_mode="absolute", threshold=0.5)

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     on_gpu = accelerator.device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
-    pipe = DiffewSPipeline.from_pretrained(args.pretrained, torch_dtype=dtype).to(accelerator.device)
+    pipe = DiffewSPipeline.from_pretrained(args.pretrained, dtype=dtype).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     metric = FewShotSegmentationMetric(num_classes=source.num_classes).to(accelerator.device)
     score_episodes(pipe, loader, metric, args.resolution, args.threshold_mode, args.threshold,

@@ -172,7 +172,7 @@ class TrainingParts(NamedTuple):
 
 def load_models(args, accelerator):
     """The pipeline's UNet (trained, float32 master weights) and VAE (frozen, cast to the mixed-precision dtype)."""
-    pipe = DiffewSPipeline.from_pretrained(args.pretrained, torch_dtype=torch.float32)
+    pipe = DiffewSPipeline.from_pretrained(args.pretrained, dtype=torch.float32)
     unet, vae = pipe.unet, pipe.vae
     vae.requires_grad_(False).eval()
     unet.requires_grad_(True).train()
