@@ -229,3 +229,14 @@ def test_split_stats_group_norm_swap_keeps_weights_and_masks(monkeypatch):
     assert len(calls) >= swapped
     assert np.abs(result.probabilities[0] - reference.probabilities[0]).max() < 1e-4
     assert (result.masks[0] == reference.masks[0]).mean() >= 0.999
+
+
+def test_split_stats_group_norm_installed_on_cuda_only(monkeypatch):
+    pipe = _pipeline(cpu_bfloat16=False)
+    count = sum(type(m) is torch.nn.GroupNorm for m in [*pipe.unet.modules(), *pipe.vae.modules()])
+    pipe._prepare_for_device()  # on CPU: PyTorch's GroupNorm stays
+    assert not any(isinstance(m, pipeline_module.SplitStatsGroupNorm) for m in pipe.vae.modules())
+    monkeypatch.setattr(DiffewSPipeline, "_execution_device", property(lambda self: torch.device("cuda")))
+    pipe._prepare_for_device()
+    swapped = [m for m in [*pipe.unet.modules(), *pipe.vae.modules()] if type(m) is pipeline_module.SplitStatsGroupNorm]
+    assert len(swapped) == count > 0
