@@ -12,23 +12,13 @@ from huggingface_hub import ModelCard
 from pipeline_diffews import DiffewSPipeline
 from tests.fixtures_data import CAMVID
 from tests.tiny_models import RESOLUTION
-from tests.training_runs import one_thread, run_evaluate
+from tests.training_runs import run_evaluate
+from tests.training_runs import index_cache, single_thread  # noqa: F401  (autouse fixtures)
 from train.data import EvaluationEpisodes, build_source
 from train.evaluate import resize_ground_truth
 from train.model_card import update_model_card
 
 pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def index_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DIFFEWS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "diffews_index"))
 
 
 def evaluate_argv(pretrained, output, *extra) -> list[str]:

@@ -15,15 +15,11 @@ from tests.fixtures_data import CAMVID  # first: puts the repository root on sys
 from benchmarks.learning_camvid import ROWS, main, parse_args, score_copy_baseline
 from train.data import Episode
 from train.metrics import FewShotSegmentationMetric
+from tests.training_runs import index_cache  # noqa: F401  (autouse fixtures)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "tiny-camvid-pipeline"
 
 pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
-
-
-@pytest.fixture(autouse=True)
-def index_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DIFFEWS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "diffews_index"))
 
 
 def conv_in_ref(folder) -> torch.Tensor:

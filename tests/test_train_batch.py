@@ -8,17 +8,12 @@ import torch
 from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
 from tests.fixtures_data import CAMVID
 from tests.tiny_models import RESOLUTION, tiny_pipeline
-from tests.training_runs import TRAIN_RESOLUTION, one_thread
+from tests.training_runs import TRAIN_RESOLUTION
+from tests.training_runs import single_thread  # noqa: F401  (autouse fixtures)
 from train.data import TrainingEpisodes, build_source
 from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes, episodes_to_pixels
 
 pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

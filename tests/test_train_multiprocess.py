@@ -12,20 +12,14 @@ from tests.tiny_models import RESOLUTION
 from tests.training_runs import (
     distance,
     launch_two_processes,
-    one_thread,
     run_evaluate,
     run_train,
     train_argv,
     unet_weights,
 )
+from tests.training_runs import single_thread  # noqa: F401  (autouse fixtures)
 
 pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture

@@ -9,22 +9,12 @@ import pytest
 
 from pipeline_diffews import DiffewSPipeline
 from tests.fixtures_data import CAMVID
-from tests.training_runs import TRAIN_RESOLUTION, max_difference, one_thread, run_train, train_argv, unet_weights
+from tests.training_runs import TRAIN_RESOLUTION, max_difference, run_train, train_argv, unet_weights
+from tests.training_runs import index_cache, single_thread  # noqa: F401  (autouse fixtures)
 from train.checkpointing import CheckpointUploader, list_checkpoints, resolve_resume, rotate_checkpoints
 from train.train import NonFiniteLossError, parse_args
 
 pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def index_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DIFFEWS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "diffews_index"))
 
 
 def test_defaults_are_the_authors_recipe():

@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,6 +29,21 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# Fixtures for the training test modules, which import them by name (autouse applies in each importing module).
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path_factory, monkeypatch):
+    """Dataset indexes cached under the session's temporary folder, never in the user's cache."""
+    monkeypatch.setenv("DIFFEWS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "diffews_index"))
 
 
 def reset_accelerate() -> None:
