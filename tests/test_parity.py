@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline_diffews.checkpoints import read_state_dict, read_unet_config
 from pipeline_diffews.convert_official import convert
-from tests.tiny_models import RESOLUTION, write_official_unet
+from tests.tiny_models import RESOLUTION, random_box_mask, random_image, write_official_unet
 
 
 class ReferenceKVProcessor:
@@ -94,17 +94,6 @@ class AuthorsReference:
         return pred.mean(0).numpy(), pred.max().item()
 
 
-def _random_image(rng, h, w):
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _random_mask(rng, h, w):
-    mask = np.zeros((h, w), dtype=bool)
-    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    mask[top : top + h // 3, left : left + w // 3] = True
-    return mask
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, sd_base):
     official = write_official_unet(tmp_path_factory.mktemp("official") / "unet", seed=3)
@@ -118,9 +107,9 @@ def converted(tmp_path_factory, sd_base):
 def test_pipeline_matches_authors_inference(converted, shots):
     pipe, reference = converted
     rng = np.random.default_rng(shots)
-    supports = [_random_image(rng, 80 + 8 * i, 96) for i in range(shots)]
-    masks = [_random_mask(rng, s.height, s.width) for s in supports]
-    query = _random_image(rng, 72, 100)
+    supports = [random_image(rng, 80 + 8 * i, 96) for i in range(shots)]
+    masks = [random_box_mask(rng, s.height, s.width) for s in supports]
+    query = random_image(rng, 72, 100)
 
     ref_probability, ref_max = reference(query, supports, masks)
     out = pipe(query, support_images=supports, support_masks=masks, match_input_resolution=False, processing_resolution=RESOLUTION)
@@ -150,7 +139,7 @@ def test_support_changes_the_prediction(converted):
     """KV fusion is live: another support mask gives another prediction."""
     pipe, _ = converted
     rng = np.random.default_rng(7)
-    support, query = _random_image(rng, 64, 64), _random_image(rng, 64, 64)
+    support, query = random_image(rng, 64, 64), random_image(rng, 64, 64)
     left, right = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
     left[:, :20], right[:, 40:] = True, True
     a = pipe(query, support_images=[support], support_masks=[left]).probabilities[0]

@@ -11,7 +11,7 @@ from PIL import Image
 
 import pipeline_diffews.pipeline_diffews as pipeline_module
 from pipeline_diffews import DiffewSPipeline
-from tests.tiny_models import RESOLUTION, tiny_unet, tiny_vae
+from tests.tiny_models import RESOLUTION, random_box_mask, random_image, tiny_unet, tiny_vae
 
 
 def _pipeline(**config) -> DiffewSPipeline:
@@ -20,23 +20,12 @@ def _pipeline(**config) -> DiffewSPipeline:
     return pipe
 
 
-def _random_image(rng, h, w):
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _random_mask(rng, h, w):
-    mask = np.zeros((h, w), dtype=bool)
-    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    mask[top : top + h // 3, left : left + w // 3] = True
-    return mask
-
-
 def _episode(shots):
     """The parity test's cases: random supports of varied sizes with box masks, a 72 x 100 query."""
     rng = np.random.default_rng(shots)
-    supports = [_random_image(rng, 80 + 8 * i, 96) for i in range(shots)]
-    masks = [_random_mask(rng, s.height, s.width) for s in supports]
-    return supports, masks, _random_image(rng, 72, 100)
+    supports = [random_image(rng, 80 + 8 * i, 96) for i in range(shots)]
+    masks = [random_box_mask(rng, s.height, s.width) for s in supports]
+    return supports, masks, random_image(rng, 72, 100)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -43,6 +45,19 @@ VAE_CONFIG = dict(
     norm_num_groups=8,
     scaling_factor=0.18215,
 )
+
+
+def random_image(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """A random RGB image [h, w]."""
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def random_box_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A bool mask [h, w] holding one box of a third of each side, at a random place in the top-left quarter."""
+    mask = np.zeros((h, w), dtype=bool)
+    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    mask[top : top + h // 3, left : left + w // 3] = True
+    return mask
 
 
 def tiny_unet(seed: int = 0) -> DiffewSUNet2DConditionModel:
