@@ -152,6 +152,11 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1, device: 
                 peak_mib=max(peaks), added_mib=max(added))
 
 
+def median_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 1, device: str = "cuda") -> float:
+    """Median wall milliseconds of `fn` over `repeats` synchronised calls, after `warmup` untimed ones."""
+    return time_calls(fn, repeats, warmup=warmup, device=device)["median"] * 1000
+
+
 # ---------------------------------------------------------------------------------------------------- memory
 
 

@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 import time
 import traceback
@@ -25,24 +24,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline_diffews.pipeline_diffews as pipeline_module  # noqa: E402
-from benchmarks.common import episode, sd21_components  # noqa: E402
+from benchmarks.common import episode, median_ms, sd21_components  # noqa: E402
 from pipeline_diffews import DiffewSPipeline  # noqa: E402
 
 DEVICE = "cuda"
 SPLIT_STATS_GROUP_NORM = pipeline_module.use_split_stats_group_norm
-
-
-def wall_ms(fn, repeats: int = 10) -> float:
-    """Median wall milliseconds of `fn` after one warm-up call, synchronised."""
-    fn()
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs) * 1000
 
 
 def gpu_ms(fn) -> float:
@@ -78,9 +64,9 @@ def run(label, data, reference, split_group_norm=False, channels_last=False, dty
         reference.update(mask=out.masks[0], probability=out.probabilities[0])
     agree = (out.masks[0] == reference["mask"]).float().mean().item()
     max_dp = (out.probabilities[0] - reference["probability"]).abs().max().item()
-    cached = wall_ms(lambda: pipe(query, support=support))
-    batch8 = wall_ms(lambda: pipe(batch, support=support, batch_size=8), 3) / 8
-    uncached = wall_ms(lambda: pipe(query, support_images=data["support_images"], support_masks=data["support_masks"]), 5)
+    cached = median_ms(lambda: pipe(query, support=support))
+    batch8 = median_ms(lambda: pipe(batch, support=support, batch_size=8), 3) / 8
+    uncached = median_ms(lambda: pipe(query, support_images=data["support_images"], support_masks=data["support_masks"]), 5)
     kernels = gpu_ms(lambda: pipe(query, support=support))
     print(f"{label:40s} cached {cached:6.1f} ms  uncached {uncached:6.1f} ms  batch8/query {batch8:5.1f} ms  "
           f"gpu-time cached {kernels:5.1f} ms  first {first:5.1f} s  agree {agree:.5f} maxdp {max_dp:.2e}", flush=True)

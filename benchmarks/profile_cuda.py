@@ -12,7 +12,7 @@ Usage:
 
 from __future__ import annotations
 
-import statistics
+import functools
 import sys
 import time
 import traceback
@@ -24,22 +24,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline_diffews.pipeline_diffews as pipeline_module  # noqa: E402
-from benchmarks.common import episode, sd21_components  # noqa: E402
+from benchmarks.common import episode, median_ms, sd21_components  # noqa: E402
 from pipeline_diffews import DiffewSPipeline  # noqa: E402
 
 DEVICE = "cuda"
-
-
-def wall_ms(fn, repeats: int = 10) -> float:
-    """Median wall milliseconds of `fn`, synchronised."""
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs) * 1000
+wall_ms = functools.partial(median_ms, warmup=0)  # every stage is timed right after the warmed-up calls
 
 
 def main() -> int:
