@@ -474,9 +474,12 @@ class DiffewSPipeline(DiffusionPipeline):
     def _prepare_for_device(self) -> None:
         """Once per device: the CPU bfloat16 conversion, or on CUDA the GPU-wide GroupNorm statistics."""
         self._prepare_cpu_bfloat16()
-        if self._execution_device.type == "cuda":
-            use_split_stats_group_norm(self.unet)
-            use_split_stats_group_norm(self.vae)
+        if self._execution_device.type != "cuda":
+            return
+        for module in (self.unet, self.vae):
+            if not getattr(module, "_split_stats_group_norm", False):  # walking ~1,000 modules costs ~1 ms per call
+                use_split_stats_group_norm(module)
+                module._split_stats_group_norm = True
 
     def _prepare_cpu_bfloat16(self) -> None:
         """Converts a float32 UNet and VAE running on CPU to bfloat16 + channels_last, once, as `cpu_bfloat16` asks."""
