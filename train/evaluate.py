@@ -28,6 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline_diffews import DiffewSPipeline  # noqa: E402
 from train.data import SOURCES, EvaluationEpisodes, build_source, collate_episodes  # noqa: E402
+from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.metrics import FewShotSegmentationMetric  # noqa: E402
 from train.model_card import DATASET_TITLES, update_model_card  # noqa: E402
 from train.source_options import add_source_option_argument  # noqa: E402
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--pretrained", required=True, help="DiffewS pipeline folder or Hub repo.")
     a("--dataset", required=True, choices=sorted(set(SOURCES) - {"incontext"}))
-    a("--data-root", required=True)
+    a("--data-root", default=None, help="The dataset's folder (synthetic: none).")
     a("--fold", type=int, default=None, help="Score the fold's test classes (default: every class).")
     a("--shots", type=int, required=True, help="Supports per episode.")
     a("--episodes", type=int, default=1000, help="Episodes (HSNet: 1000 per fold).")
@@ -69,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--cpu", action="store_true", help="Run on CPU (several processes: accelerate launch --multi_gpu).")
     add_source_option_argument(p)
     args = p.parse_args(argv)
+    if args.data_root is None and args.dataset not in ROOTLESS_SOURCES:
+        p.error(f"--data-root is required for --dataset {args.dataset}")
     if args.shots < 1 or args.episodes < 1 or args.batch_size < 1:
         p.error("--shots, --episodes and --batch-size must be >= 1")
     if args.update_model_card and not Path(args.pretrained).is_dir():

@@ -31,6 +31,7 @@ from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel  # noq
 from pipeline_diffews.hub import build_model_card  # noqa: E402
 from train.checkpointing import CheckpointUploader, checkpoint_dir, resolve_resume, rotate_checkpoints  # noqa: E402
 from train.data import SOURCES, TrainingEpisodes, build_source  # noqa: E402
+from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes  # noqa: E402
 from train.source_options import add_source_option_argument  # noqa: E402
 
@@ -51,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--pretrained", required=True, help="DiffewS pipeline folder or Hub repo (from init_from_sd or a converter).")
     a("--dataset", required=True, choices=sorted(SOURCES), help="Training data source.")
-    a("--data-root", required=True, help="The dataset's folder (incontext: a folder with coco/, ade20k/, voc/).")
+    a("--data-root", default=None,
+      help="The dataset's folder (incontext: a folder with coco/, ade20k/, voc/; synthetic: none).")
     a("--output-dir", required=True, help="Checkpoints, logs and the final pipeline go here.")
     a("--split", default="train", help="Dataset split to train on (default: train).")
     a("--fold", type=int, default=None, help="Train on this fold's training classes (default: all classes).")
@@ -88,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--cpu", action="store_true", help="Train on CPU (several processes: accelerate launch --multi_gpu).")
     add_source_option_argument(p)
     args = p.parse_args(argv)
+    if args.data_root is None and args.dataset not in ROOTLESS_SOURCES:
+        p.error(f"--data-root is required for --dataset {args.dataset}")
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_shots", "checkpointing_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

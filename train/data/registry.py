@@ -2,7 +2,8 @@
 
     build_source(name, root, split, fold=None, mode="train", **kwargs) -> FewShotSource
 
-Names: coco20i, pascal5i, lvis92i, fss1000, ade20k, camvid, folder, incontext.
+Names: coco20i, pascal5i, lvis92i, fss1000, ade20k, camvid, folder, incontext, synthetic
+(generated scenes; no root needed, see ``ROOTLESS_SOURCES``).
 ``kwargs`` go to the source's constructor (e.g. ``index_cache=False``, ``crowd="ignore"``).
 For "incontext", ``root`` is a dict ``{"coco": .., "ade20k": .., "voc": ..}`` or a folder
 with ``coco/``, ``ade20k/`` and ``voc/`` sub-folders (see ``train.data.incontext``).
@@ -19,6 +20,7 @@ from .fss1000 import Fss1000
 from .incontext import InContextSource
 from .lvis92i import Lvis92i
 from .pascal5i import Pascal5i
+from .synthetic import SyntheticSource
 
 SOURCES: dict[str, type[FewShotSource]] = {
     "coco20i": Coco20i,
@@ -29,7 +31,11 @@ SOURCES: dict[str, type[FewShotSource]] = {
     "camvid": CamVid,
     "folder": FolderSource,
     "incontext": InContextSource,
+    "synthetic": SyntheticSource,
 }
+
+ROOTLESS_SOURCES = frozenset({"synthetic"})
+"""Sources that draw their data and need no ``root`` (None is fine)."""
 
 
 def build_source(name: str, root, split: str, fold: int | None = None, mode: str = "train",
