@@ -100,9 +100,16 @@ def test_grayscale_and_batched_queries(pipe):
 
 
 def test_thresholds(pipe):
+    full = pipe(QUERY, support_images=[SUPPORT], support_masks=[MASK], threshold_mode="absolute", threshold=0.5,
+                threshold_precision="full")
+    np.testing.assert_array_equal(full.masks[0], full.probabilities[0] > 0.5)
+    # The default 8-bit rule only differs where the float map is within 1/255 of the level.
     out = pipe(QUERY, support_images=[SUPPORT], support_masks=[MASK], threshold_mode="absolute", threshold=0.5)
-    np.testing.assert_array_equal(out.masks[0], out.probabilities[0] > 0.5)
-    everything = pipe(QUERY, support_images=[SUPPORT], support_masks=[MASK], threshold_mode="relative", threshold=0.0)
+    np.testing.assert_array_equal(out.probabilities[0], full.probabilities[0])
+    differ = out.masks[0] != full.masks[0]
+    assert np.all(np.abs(full.probabilities[0][differ] - 0.5) <= 1 / 255)
+    everything = pipe(QUERY, support_images=[SUPPORT], support_masks=[MASK], threshold_mode="relative", threshold=0.0,
+                      threshold_precision="full")
     assert everything.masks[0].all()
     nothing = pipe(QUERY, support_images=[SUPPORT], support_masks=[MASK], threshold_mode="absolute", threshold=1.0)
     assert not nothing.masks[0].any()
