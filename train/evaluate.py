@@ -5,10 +5,12 @@
         --output results.json
     accelerate launch --num_processes 4 train/evaluate.py ...   # same numbers, 4 GPUs
 
-1000 episodes per fold drawn from numpy seed 0 (class, query, then supports of that class), IoU pooled per class over
-its episodes, mIoU = mean over the fold's classes, FB-IoU = mean of the pooled background and foreground IoU (x100).
-Scored at 512 x 512 with the ground truth nearest-resized, as the paper, or at each image's own size with
-`--resolution original`.
+The episodes are HSNet's (PASCAL-5i, COCO-20i, FSS-1000; Matcher's for LVIS-92i): the sequence HSNet's loaders draw
+from its split files with `np.random.seed(0)` (1000 per fold; FSS-1000: every test image once; LVIS-92i: 2300). IoU
+pooled per class over its episodes, mIoU = mean over all the fold's classes, FB-IoU = mean of the pooled background
+and foreground IoU (x100). Masks by the pipeline's rule (default: the authors' 8-bit rule). Scored at 512 x 512 with
+the ground truth nearest-resized, as the paper, or at each image's own size with `--resolution original`.
+See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline_diffews import DiffewSPipeline  # noqa: E402
 from train.data import SOURCES, EvaluationEpisodes, build_source, collate_episodes  # noqa: E402
+from train.data.episodes import PROTOCOLS, EpisodeSpec  # noqa: E402
 from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.metrics import FewShotSegmentationMetric  # noqa: E402
 from train.model_card import DATASET_TITLES, update_model_card  # noqa: E402
@@ -52,14 +56,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data-root", default=None, help="The dataset's folder (synthetic: none).")
     a("--fold", type=int, default=None, help="Score the fold's test classes (default: every class).")
     a("--shots", type=int, required=True, help="Supports per episode.")
-    a("--episodes", type=int, default=1000, help="Episodes (HSNet: 1000 per fold).")
+    a("--episodes", type=int, default=None,
+      help="Episodes (default: the protocol's: HSNet's 1000 per fold, FSS-1000 every test image once, LVIS-92i 2300).")
+    a("--episode-protocol", choices=PROTOCOLS, default="hsnet",
+      help="hsnet (default): the reference loaders' episodes (HSNet's; Matcher's for LVIS-92i). distinct: class and "
+           "query uniform, supports all different (not a paper's sequence).")
     a("--seed", type=int, default=0, help="numpy seed of the episode sequence (HSNet: 0).")
+    a("--save-episodes", default=None, metavar="FILE",
+      help="Write the scored episodes (index, class, query, supports), gathered from every process, as JSON.")
     a("--split", default=None, help="Dataset split (default: val; test for fss1000).")
     a("--resolution", type=resolution_arg, default=512,
       help="Process and score at R x R (ground truth nearest-resized; the paper: 512), or 'original': process at "
            "the pipeline's processing_resolution and score each query at its own size.")
     a("--threshold-mode", choices=("relative", "absolute"), default=None, help="Default: the pipeline's (relative).")
     a("--threshold", type=float, default=None, help="Default: the pipeline's (0.25).")
+    a("--threshold-precision", choices=("8bit", "full"), default=None,
+      help="Default: the pipeline's (8bit: the authors' rule, the decoded map truncated to 8 bits before the "
+           "threshold). full: threshold the full-precision map.")
     a("--batch-size", type=int, default=1, help="Episodes per UNet call.")
     a("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
       help="Default: float16 on GPU, else float32.")
@@ -72,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.data_root is None and args.dataset not in ROOTLESS_SOURCES:
         p.error(f"--data-root is required for --dataset {args.dataset}")
-    if args.shots < 1 or args.episodes < 1 or args.batch_size < 1:
+    if args.shots < 1 or (args.episodes is not None and args.episodes < 1) or args.batch_size < 1:
         p.error("--shots, --episodes and --batch-size must be >= 1")
     if args.update_model_card and not Path(args.pretrained).is_dir():
         p.error("--update-model-card needs --pretrained to be a local pipeline folder")
@@ -87,8 +100,10 @@ def resize_ground_truth(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def score_episodes(pipe, loader, metric, resolution: int | str, threshold_mode=None, threshold=None, progress=True):
-    """Runs the pipeline on every episode of `loader` (batches of `Episode`s) and adds each to `metric`."""
+def score_episodes(pipe, loader, metric, resolution: int | str, threshold_mode=None, threshold=None, progress=True,
+                   threshold_precision=None, scored=None):
+    """Runs the pipeline on every episode of `loader` (batches of `Episode`s) and adds each to `metric`; appends the
+    `EpisodeSpec` of each scored episode to the list `scored` when given."""
     original = resolution == "original"
     for episodes in tqdm(loader, desc="episodes", disable=not progress):
         out = pipe(
@@ -99,12 +114,29 @@ def score_episodes(pipe, loader, metric, resolution: int | str, threshold_mode=N
             match_input_resolution=original,
             threshold_mode=threshold_mode,
             threshold=threshold,
+            threshold_precision=threshold_precision,
             batch_size=len(episodes),
             output_type="np",
         )
         for episode, mask in zip(episodes, out.masks):
             truth = episode.query_mask if original else resize_ground_truth(episode.query_mask, resolution)
             metric.update(mask, truth, episode.class_id)
+        if scored is not None:
+            scored.extend(EpisodeSpec(e.class_id, e.query_key, tuple(e.support_keys)) for e in episodes)
+
+
+def fold_scores(scores: dict, class_ids) -> dict:
+    """HSNet's mIoU: the mean over all the fold's `class_ids`, a class without an episode counting 0 (its union is 0,
+    and HSNet divides by max(union, 1)). `scores` is `FewShotSegmentationMetric.compute()`'s; FB-IoU is unchanged (the
+    pooled sums of a class without episodes are 0)."""
+    per_class = {int(c): scores["per_class"].get(int(c), 0.0) for c in class_ids}
+    return {**scores, "per_class": per_class, "miou": float(np.mean(list(per_class.values())))}
+
+
+def episode_records(scored, indices) -> list[dict]:
+    """JSON records of the scored episodes of one process: `indices` are their positions in the whole sequence."""
+    return [{"index": int(i), "class_id": spec.class_id, "query": spec.query_key, "supports": list(spec.support_keys)}
+            for i, spec in zip(indices, scored)]
 
 
 def format_table(results: dict) -> str:
@@ -121,7 +153,9 @@ def main(argv=None) -> int:
     accelerator = Accelerator(cpu=args.cpu)
     with accelerator.main_process_first():
         source = build_source(args.dataset, args.data_root, args.split, args.fold, "test", **dict(args.source_option))
-    episodes = EvaluationEpisodes(source, shots=args.shots, num_episodes=args.episodes, seed=args.seed)
+    # The whole sequence is drawn here, in one pass, identically in every process; each process then scores its shard.
+    episodes = EvaluationEpisodes(source, shots=args.shots, num_episodes=args.episodes, seed=args.seed,
+                                  protocol=args.episode_protocol)
     # Disjoint shards without padding: no episode is counted twice, whatever the number of processes.
     shard = episodes.shard(accelerator.process_index, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(
@@ -133,9 +167,14 @@ def main(argv=None) -> int:
     pipe = DiffewSPipeline.from_pretrained(args.pretrained, dtype=dtype).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     metric = FewShotSegmentationMetric(num_classes=source.num_classes).to(accelerator.device)
+    scored = []
     score_episodes(pipe, loader, metric, args.resolution, args.threshold_mode, args.threshold,
-                   progress=accelerator.is_local_main_process)
-    scores = metric.compute()  # sums the per-class counts of every process
+                   progress=accelerator.is_local_main_process, threshold_precision=args.threshold_precision,
+                   scored=scored)
+    scores = fold_scores(metric.compute(), episodes.class_ids)  # compute() sums the counts of every process
+    records = episode_records(scored, shard.indices)
+    if args.save_episodes and accelerator.num_processes > 1:
+        records = gather_object(records)
 
     results = {
         "miou": scores["miou"],
@@ -148,8 +187,11 @@ def main(argv=None) -> int:
         "split": args.split,
         "resolution": args.resolution,
         "seed": args.seed,
+        "episode_protocol": args.episode_protocol,
+        "episode_reference": episodes.plan.reference if episodes.plan is not None else None,
         "threshold_mode": args.threshold_mode or pipe.config.threshold_mode,
         "threshold": pipe.config.threshold if args.threshold is None else args.threshold,
+        "threshold_precision": args.threshold_precision or pipe.config.get("threshold_precision", "8bit"),
         "pretrained": str(args.pretrained),
         "processes": accelerator.num_processes,
     }
@@ -161,6 +203,9 @@ def main(argv=None) -> int:
             Path(args.output).write_text(text + "\n")
         else:
             print(text)
+        if args.save_episodes:
+            Path(args.save_episodes).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.save_episodes).write_text(json.dumps(sorted(records, key=lambda r: r["index"]), indent=1) + "\n")
         if args.update_model_card:
             path = update_model_card(args.pretrained, results, model_name=args.model_name, pipe=pipe)
             print(f"Model card updated: {path}")

@@ -26,10 +26,13 @@ import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .episodes import EpisodePlan
 
 IGNORE = 255
 """Mask value of pixels that no metric or loss should count."""
@@ -82,6 +85,29 @@ class FewShotSource(abc.ABC):
         (see ``train.data.incontext``).
         """
         return None
+
+    def evaluation_plan(self, shots: int) -> "EpisodePlan":
+        """How the benchmark's reference code draws its test episodes (protocol ``"hsnet"``).
+
+        This default is HSNet's COCO-20i loop on this source: the class is drawn among the
+        classes with at least 2 images (others are skipped with a warning: HSNet's loop
+        would never end on them), the query and supports from :meth:`images_of_class`,
+        1000 episodes. Benchmarks with a reference loader override it (PASCAL-5i, COCO-20i,
+        FSS-1000, LVIS-92i).
+
+        Args:
+            shots: supports per episode (Matcher's LVIS-92i folds depend on it).
+        Returns:
+            a :class:`train.data.episodes.EpisodePlan`.
+        """
+        from .episodes import EpisodePlan  # local import: episodes imports nothing from here
+
+        classes = self.usable_classes(2)
+        if not classes:
+            raise ValueError(f"{self.name}: no class has the 2 images (a query and another image) an "
+                             f"episode needs (classes: {self.class_ids})")
+        return EpisodePlan("drawn", tuple(classes), {c: tuple(self.images_of_class(c)) for c in classes},
+                           num_episodes=1000, reference="HSNet data/coco.py")
 
     def usable_classes(self, min_images: int) -> list[int]:
         """The classes of :attr:`class_ids` with at least ``min_images`` images.

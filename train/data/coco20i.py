@@ -24,6 +24,10 @@ HSNet's PNG layout::
   The pickles map class id -> image names (``"train2014/<stem>.jpg"``); they are read
   with a restricted unpickler (plain containers, strings and numbers only). Without
   them the class -> images index is derived by scanning the PNGs (cached on disk).
+  Mask value 255 counts as background, as in HSNet's loader (no ignore label).
+
+Evaluation episodes (:meth:`Coco20i.evaluation_plan`): HSNet's, drawn from the split
+pickles' lists in their own order; the pickles are read in both layouts when present.
 
 Image keys are ``"<train|val>2014/<file name>"`` (HSNet's names) in both layouts.
 """
@@ -54,6 +58,7 @@ from .base import (
     require_file,
     scan_label_index,
 )
+from .episodes import EpisodePlan
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -240,6 +245,7 @@ class Coco20i(IndexedSource):
         self.layout = layout
         require_dir(self.image_dir, self.name, LAYOUT)
         self._ann: InstanceAnnotations | None = None
+        self._split_files, self._split_lists = self._read_split_pickles(fold, splits_dir)
 
         if layout == "json":
             data = load_json(require_file(json_path, self.name, LAYOUT))
@@ -252,10 +258,14 @@ class Coco20i(IndexedSource):
             self.png_dir = require_dir(png_dir, self.name, LAYOUT)
             self.num_classes = len(COCO_CLASSES)
             self.class_names = dict(enumerate(COCO_CLASSES))
-            self._index = self._png_index(fold, splits_dir, min_pixels, index_cache)
+            self._index = self._png_index(min_pixels, index_cache)
+        if self._split_files:
+            self.split_source = ", ".join(str(f) for f in self._split_files)
         self._set_classes(range(self.num_classes), fold, mode, self.num_folds, "interleaved")
 
-    def _png_index(self, fold, splits_dir, min_pixels, index_cache) -> dict[int, list[str]]:
+    def _read_split_pickles(self, fold, splits_dir) -> tuple[list[Path], dict[int, list[str]]]:
+        """HSNet's ``<trn|val>/fold<f>.pkl`` (all folds when ``fold`` is None): the files and
+        ``{class id: image keys}`` in the pickles' own order (duplicates across files dropped)."""
         tag = f"{self.split}2014"
         sdir = Path(splits_dir) if splits_dir is not None else self.root / "splits" / "coco"
         sub = sdir / ("trn" if self.split == "train" else "val")
@@ -265,22 +275,52 @@ class Coco20i(IndexedSource):
             files = [sub / f"fold{fold}.pkl"]
         else:
             files = sorted(sub.glob("fold*.pkl")) if sub.is_dir() else []
-        if files:
-            pairs = []
-            for f in files:
-                data = safe_load_pickle(f)
-                if not isinstance(data, dict):
-                    raise ValueError(f"{self.name}: {str(f)!r} is not a dict class id -> image names")
-                for c, names in data.items():  # names are "<split>2014/<file>.jpg" (bare files accepted)
-                    pairs.extend((int(c), str(n) if "/" in str(n) else f"{tag}/{n}") for n in names)
-            self.split_source = ", ".join(str(f) for f in files)
-            return build_index(pairs)
+        lists: dict[int, list[str]] = {}
+        for f in files:
+            data = safe_load_pickle(f)
+            if not isinstance(data, dict):
+                raise ValueError(f"{self.name}: {str(f)!r} is not a dict class id -> image names")
+            for c, names in data.items():  # names are "<split>2014/<file>.jpg" (bare files accepted)
+                keys = lists.setdefault(int(c), [])
+                seen = set(keys)
+                for n in names:
+                    key = str(n) if "/" in str(n) else f"{tag}/{n}"
+                    if key not in seen:
+                        keys.append(key)
+                        seen.add(key)
+        return files, lists
+
+    def _png_index(self, min_pixels, index_cache) -> dict[int, list[str]]:
+        tag = f"{self.split}2014"
+        if self._split_files:
+            return build_index((c, k) for c, keys in self._split_lists.items() for k in keys)
         labels = {f"{tag}/{p.stem}.jpg": p for p in list_files(self.png_dir, (".png",))}
         if not labels:
             raise ValueError(f"{self.name}: no PNG masks in {str(self.png_dir)!r}. Expected layout:\n{LAYOUT}")
         self.split_source = str(self.png_dir)
         return scan_label_index(labels, self.num_classes, value_offset=1, min_pixels=min_pixels,
                                 cache=index_cache, cache_tag=f"coco-{tag}")
+
+    def evaluation_plan(self, shots: int) -> EpisodePlan:
+        """HSNet's COCO-20i episodes (``data/coco.py``), from its split pickles.
+
+        Per episode: the class is drawn from the fold's classes (``fold, fold + 4, ...``), the
+        query from that class's list in the pickle's own order, then the supports from the same
+        list; 1000 episodes. Without the pickles the lists are :meth:`images_of_class` (sorted),
+        with a warning: the rule is HSNet's, the episodes are not.
+        """
+        if not self._split_files:
+            warnings.warn(f"{self.name}: HSNet's split pickles (splits/coco/<trn|val>/fold<f>.pkl) were not found "
+                          f"under {str(self.root)!r}: HSNet's rule on sorted image lists, not HSNet's episodes",
+                          UserWarning, stacklevel=2)
+            return super().evaluation_plan(shots)
+        classes = tuple(self.class_ids)
+        pools = {c: tuple(self._split_lists.get(c, ())) for c in classes}
+        empty = [c for c in classes if not pools[c]]
+        if empty:
+            raise ValueError(f"{self.name}: class(es) {empty} have no image in "
+                             f"{', '.join(str(f) for f in self._split_files)}")
+        return EpisodePlan("drawn", classes, pools, num_episodes=1000, reference="HSNet data/coco.py")
 
     def load_image(self, key: str) -> Image.Image:
         return load_rgb(self.root / key)
@@ -292,4 +332,4 @@ class Coco20i(IndexedSource):
             return self._ann.mask(key, int(class_id))
         stem = Path(key).stem
         label = read_label_png(self.png_dir / f"{stem}.png")
-        return label_to_binary(label, int(class_id) + 1, (IGNORE,))
+        return label_to_binary(label, int(class_id) + 1)  # 255 is background, as HSNet's loader

@@ -2,16 +2,24 @@
 
 Everything here works on any :class:`train.data.base.FewShotSource`.
 
-Evaluation (HSNet's protocol): :class:`EvaluationEpisodes` draws the whole sequence of
-episodes up front from ``np.random.RandomState(seed)``, in this order per episode:
+Evaluation: :class:`EvaluationEpisodes` draws the whole sequence of test episodes up front,
+in one pass, from ``np.random.RandomState(seed)`` (the stream of HSNet's
+``np.random.seed(0)``), so that every process of a sharded run holds the same sequence.
+Two protocols:
 
-1. the class, uniform among the usable classes: ``rng.choice(class_ids)``;
-2. the query, uniform among that class's images: ``rng.choice(images)``;
-3. supports, uniform among that class's images, redrawn while equal to the query or to an
-   already chosen support (HSNet's rejection loop, with distinct supports), until ``shots``.
-
-(``rng.choice(a)`` is drawn as ``a[rng.randint(len(a))]``, which ``RandomState`` defines as
-the same draw, without building an array of thousands of keys per episode.)
+* ``"hsnet"`` (default): the reference loaders' episodes. The source says how its
+  benchmark's reference code draws (:meth:`FewShotSource.evaluation_plan`, an
+  :class:`EpisodePlan`): PASCAL-5i lists its queries (episode ``i`` takes line
+  ``i mod n`` of the fold's split file), COCO-20i draws the class then the query,
+  FSS-1000 lists every test image once, LVIS-92i (Matcher) cycles through the fold's
+  classes and draws the query. Every draw is HSNet's
+  ``np.random.choice(pool, 1, replace=False)[0]``: the first element of a permutation of
+  the whole pool (:func:`reference_choice`). Supports are drawn from the class's pool
+  until ``shots`` of them differ from the query: only equality with the query is
+  rejected, so a support can appear twice. See :func:`draw_plan_specs`.
+* ``"distinct"``: class uniform, query uniform in the class, then supports redrawn
+  while equal to the query or to an already chosen support (``a[rng.randint(len(a))]``
+  draws), among the classes with ``1 + shots`` images. This is not any paper's sequence.
 
 Training: :class:`TrainingEpisodes` is a map-style dataset whose item ``index`` is a pure
 function of ``(seed, index)``, so it can be sharded, shuffled across workers, and resumed
@@ -21,7 +29,7 @@ exactly; see its docstring.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .base import FewShotSource
 
 FOLD_RULES = ("interleaved", "consecutive")
+PROTOCOLS = ("hsnet", "distinct")
+QUERY_RULES = ("listed", "drawn", "cycled")
 SHOTS_STREAM = 2**32 - 1
 """Last word of the seed of the per-step shots draw (never an episode index)."""
 
@@ -154,21 +164,112 @@ def _usable_or_raise(source: "FewShotSource", shots: int) -> list[int]:
 # ---------------------------------------------------------------------- evaluation
 
 
-def draw_evaluation_specs(
-    source: "FewShotSource", shots: int, num_episodes: int = 1000, seed: int = 0
-) -> list[EpisodeSpec]:
-    """The fixed HSNet-style episode sequence (see the module docstring)."""
+@dataclass(frozen=True)
+class EpisodePlan:
+    """How a benchmark's reference code draws its test episodes (read by :func:`draw_plan_specs`).
+
+    Attributes:
+        query_rule: ``"listed"``: episode ``i``'s query and class are ``queries[i % len(queries)]``
+            (HSNet's PASCAL-5i and FSS-1000); ``"drawn"``: the class is drawn from
+            ``classes``, then the query from its pool (HSNet's COCO-20i);
+            ``"cycled"``: the class is ``classes[i % len(classes)]``, the query is drawn
+            from its pool (Matcher's LVIS-92i).
+        classes: the scored classes, in the reference's order (``"drawn"`` draws from this
+            list, ``"cycled"`` walks it). mIoU averages over all of them.
+        pools: ``{class_id: image keys}`` in the reference's order, duplicates kept: the
+            list supports (and drawn queries) are drawn from.
+        queries: ``((key, class_id), ...)`` for ``"listed"``, in the reference's order.
+        num_episodes: the reference's number of episodes (HSNet: 1000, FSS-1000: every
+            test image once, Matcher's LVIS-92i: 2300).
+        reference: the reference loader, e.g. ``"HSNet data/pascal.py"``.
+    """
+
+    query_rule: str
+    classes: tuple[int, ...]
+    pools: Mapping[int, Sequence[str]]
+    num_episodes: int
+    reference: str
+    queries: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        if self.query_rule not in QUERY_RULES:
+            raise ValueError(f"query_rule must be one of {QUERY_RULES}, got {self.query_rule!r}")
+        if not self.classes:
+            raise ValueError(f"{self.reference}: the plan has no class to score")
+        if self.query_rule == "listed" and not self.queries:
+            raise ValueError(f"{self.reference}: a 'listed' plan needs queries")
+        needed = {int(c) for c in self.classes} | {int(c) for _, c in self.queries}
+        missing = sorted(needed - {int(c) for c in self.pools})
+        if missing:
+            raise ValueError(f"{self.reference}: no image pool for class(es) {missing}")
+
+
+def reference_choice(rng: np.random.RandomState, pool: Sequence) -> int:
+    """Index drawn as HSNet's ``np.random.choice(pool, 1, replace=False)[0]``.
+
+    In numpy's legacy ``RandomState`` that call takes the first element of
+    ``rng.permutation(len(pool))``: it consumes the stream differently from
+    ``rng.randint(len(pool))``, so it is written here the same way.
+    """
+    return int(rng.choice(len(pool), 1, replace=False)[0])
+
+
+def draw_plan_specs(plan: EpisodePlan, shots: int, num_episodes: int | None = None,
+                    seed: int = 0) -> list[EpisodeSpec]:
+    """The reference's episode sequence of ``plan`` (episode ``i`` after episode ``i - 1``).
+
+    Per episode, on one ``np.random.RandomState(seed)`` stream: the class and query
+    (``plan.query_rule``), then supports drawn from the class's pool with
+    :func:`reference_choice` until ``shots`` of them differ from the query (repeats kept).
+
+    Args:
+        plan: see :class:`EpisodePlan`.
+        shots: supports per episode (>= 1).
+        num_episodes: default ``plan.num_episodes``.
+        seed: HSNet and Matcher: 0.
+    Raises:
+        ValueError: a query's class pool holds no other image (the reference would loop
+            forever).
+    """
     shots = _check_shots(shots)
-    if not isinstance(num_episodes, (int, np.integer)) or num_episodes < 1:
-        raise ValueError(f"num_episodes must be an integer >= 1, got {num_episodes!r}")
+    num_episodes = plan.num_episodes if num_episodes is None else _check_episodes(num_episodes)
+    rng = np.random.RandomState(seed)
+    classes = [int(c) for c in plan.classes]
+    pools = {int(c): list(v) for c, v in plan.pools.items()}
+    distinct = {c: set(v) for c, v in pools.items()}
+    specs = []
+    for i in range(num_episodes):
+        if plan.query_rule == "listed":
+            query, c = plan.queries[i % len(plan.queries)]
+            c = int(c)
+        else:
+            c = classes[i % len(classes)] if plan.query_rule == "cycled" else classes[reference_choice(rng, classes)]
+            query = pools[c][reference_choice(rng, pools[c])]
+        if not distinct[c] - {query}:
+            raise ValueError(f"{plan.reference}: class {c} has no image other than the query {query!r} "
+                             "to draw a support from")
+        supports: list[str] = []
+        while len(supports) < shots:  # only equality with the query is rejected
+            s = pools[c][reference_choice(rng, pools[c])]
+            if s != query:
+                supports.append(s)
+        specs.append(EpisodeSpec(c, query, tuple(supports)))
+    return specs
+
+
+def draw_distinct_specs(source: "FewShotSource", shots: int, num_episodes: int = 1000,
+                        seed: int = 0) -> list[EpisodeSpec]:
+    """The ``"distinct"`` protocol (see the module docstring)."""
+    shots = _check_shots(shots)
+    num_episodes = _check_episodes(num_episodes)
     class_ids = _usable_or_raise(source, shots)
     rng = np.random.RandomState(seed)
     images = {c: source.images_of_class(c) for c in class_ids}
     specs = []
     for _ in range(num_episodes):
-        c = int(class_ids[rng.randint(len(class_ids))])  # == rng.choice(class_ids)
+        c = int(class_ids[rng.randint(len(class_ids))])
         imgs = images[c]
-        query = imgs[rng.randint(len(imgs))]  # == rng.choice(imgs)
+        query = imgs[rng.randint(len(imgs))]
         supports: list[str] = []
         while len(supports) < shots:  # terminates: len(imgs) >= 1 + shots
             s = imgs[rng.randint(len(imgs))]
@@ -178,19 +279,54 @@ def draw_evaluation_specs(
     return specs
 
 
+def _check_episodes(num_episodes) -> int:
+    if not isinstance(num_episodes, (int, np.integer)) or isinstance(num_episodes, bool) or num_episodes < 1:
+        raise ValueError(f"num_episodes must be an integer >= 1, got {num_episodes!r}")
+    return int(num_episodes)
+
+
+def _check_protocol(protocol) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return protocol
+
+
+def draw_evaluation_specs(
+    source: "FewShotSource", shots: int, num_episodes: int | None = None, seed: int = 0,
+    protocol: str = "hsnet",
+) -> list[EpisodeSpec]:
+    """The fixed episode sequence of ``source`` (see the module docstring).
+
+    Args:
+        num_episodes: default: the reference's count (``"hsnet"``: HSNet's 1000,
+            FSS-1000's number of test images, LVIS-92i's 2300) or 1000 (``"distinct"``).
+        protocol: ``"hsnet"`` or ``"distinct"``.
+    """
+    if _check_protocol(protocol) == "distinct":
+        return draw_distinct_specs(source, shots, 1000 if num_episodes is None else num_episodes, seed)
+    return draw_plan_specs(source.evaluation_plan(_check_shots(shots)), shots, num_episodes, seed)
+
+
 class EvaluationEpisodes(torch.utils.data.Dataset):
-    """The fixed evaluation episodes of one fold (HSNet protocol).
+    """The fixed evaluation episodes of one fold.
 
     Args:
         source: the fold's test source (e.g. ``build_source("coco20i", root, "val", f, "test")``).
-        shots: supports per episode (>= 1). Classes with fewer than ``1 + shots`` images
-            are skipped with a warning.
-        num_episodes: episodes (HSNet: 1000 per fold).
+        shots: supports per episode (>= 1).
+        num_episodes: default: the protocol's (HSNet: 1000 per fold; FSS-1000: each test
+            image once; LVIS-92i: 2300).
         seed: seed of ``np.random.RandomState`` (HSNet: 0).
+        protocol: ``"hsnet"`` (default: the reference loaders' episodes, see
+            :meth:`FewShotSource.evaluation_plan`) or ``"distinct"`` (see the module docstring).
 
-    The sequence is drawn in ``__init__`` (:attr:`specs`), so every process that builds
-    it with the same arguments gets the same episodes; ``__getitem__(i)`` loads episode
-    ``i`` as an :class:`Episode`. Use ``collate_fn=collate_episodes`` in a DataLoader.
+    Attributes:
+        specs: the sequence, drawn in ``__init__`` in one pass, so every process that
+            builds it with the same arguments gets the same episodes.
+        class_ids: the scored classes: mIoU averages over all of them, a class without
+            an episode counting 0 (HSNet).
+
+    ``__getitem__(i)`` loads episode ``i`` as an :class:`Episode`. Use
+    ``collate_fn=collate_episodes`` in a DataLoader.
 
     Several processes: take ``ds.shard(rank, world_size)`` (disjoint, together all
     episodes, no padding). Do NOT let ``accelerator.prepare`` shard it with the default
@@ -198,12 +334,20 @@ class EvaluationEpisodes(torch.utils.data.Dataset):
     repeats episodes to pad, which would count them twice in the metric.
     """
 
-    def __init__(self, source: "FewShotSource", shots: int, num_episodes: int = 1000, seed: int = 0):
+    def __init__(self, source: "FewShotSource", shots: int, num_episodes: int | None = None, seed: int = 0,
+                 protocol: str = "hsnet"):
         self.source = source
         self.shots = _check_shots(shots)
         self.seed = seed
-        self.specs: list[EpisodeSpec] = draw_evaluation_specs(source, shots, num_episodes, seed)
-        self.class_ids: list[int] = source.usable_classes(1 + self.shots)
+        self.protocol = _check_protocol(protocol)
+        if protocol == "hsnet":
+            self.plan: EpisodePlan | None = source.evaluation_plan(self.shots)
+            self.specs: list[EpisodeSpec] = draw_plan_specs(self.plan, self.shots, num_episodes, seed)
+            self.class_ids: list[int] = [int(c) for c in self.plan.classes]
+        else:
+            self.plan = None
+            self.specs = draw_distinct_specs(source, self.shots, 1000 if num_episodes is None else num_episodes, seed)
+            self.class_ids = source.usable_classes(1 + self.shots)
 
     def __len__(self) -> int:
         return len(self.specs)

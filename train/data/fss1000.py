@@ -14,8 +14,10 @@ split). ``split="all"`` serves every class folder, sorted, ids 0..N-1, and needs
 files. FSS-1000 has no folds: ``fold`` must be None, and ``mode`` does not change the
 classes (the split picks them). Image keys are ``"<class>/<n>.jpg"``.
 
-HSNet's FSS test uses every test image once as the query; ``EvaluationEpisodes`` draws
-classes uniformly instead (pass ``num_episodes`` as wanted).
+Evaluation episodes (:meth:`Fss1000.evaluation_plan`): HSNet's. Every image of the split is
+the query once, classes in name order and each class's images in file-name order
+("1.jpg", "10.jpg", "2.jpg", ...): 2400 episodes on the test split. Supports are drawn from
+the class's images in numeric order (HSNet draws from ``range(1, 11)``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ import numpy as np
 from PIL import Image
 
 from .base import IndexedSource, check_mode, check_split, load_rgb, require_dir, require_file
+from .episodes import EpisodePlan
 
 HSNET_SPLITS = {"train": "trn", "val": "val", "test": "test"}
 LAYOUT = (
     "  <root>/fewshot_data/<class>/<n>.jpg and <n>.png (or <root>/<class>/...)\n"
     "  <root>/splits/fss/{trn,val,test}.txt (class names, one per line; not needed for split='all')"
 )
+
+
+def numeric_order(key: str) -> tuple:
+    """Sort key of ``"<class>/<n>.jpg"``: by the number ``n`` (``2`` before ``10``), names that are
+    not numbers after all numbers, by name."""
+    stem = Path(key).stem
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
 
 
 class Fss1000(IndexedSource):
@@ -84,6 +94,15 @@ class Fss1000(IndexedSource):
             jpgs = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".jpg")
             self._index[ids[n]] = [f"{n}/{j}" for j in jpgs]
         self.class_ids = sorted(ids[n] for n in served)
+
+    def evaluation_plan(self, shots: int) -> EpisodePlan:
+        """HSNet's FSS-1000 episodes (``data/fss.py``); see the module docstring."""
+        queries = tuple((key, c) for c in self.class_ids for key in self._index[c])
+        if not queries:
+            raise ValueError(f"{self.name}: the {self.split} split has no image")
+        pools = {c: tuple(sorted(self._index[c], key=numeric_order)) for c in self.class_ids}
+        return EpisodePlan("listed", tuple(self.class_ids), pools, num_episodes=len(queries),
+                           reference="HSNet data/fss.py", queries=queries)
 
     def load_image(self, key: str) -> Image.Image:
         return load_rgb(self.data_dir / key)

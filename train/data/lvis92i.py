@@ -18,6 +18,12 @@ in id order; fold ``f`` tests candidates ``f, f + 10, f + 20, ...`` (the
 training classes are all other categories. The fold split therefore needs
 ``lvis_v1_val.json`` even for the train split. Matcher's 5-shot protocol keeps classes
 with more than 5 images: pass ``min_images=6``.
+
+Evaluation episodes (:meth:`Lvis92i.evaluation_plan`): Matcher's (``matcher/data/lvis.py``).
+The fold's classes are Matcher's for the number of shots (candidates with more than
+``shots`` val images, whatever ``min_images``); episode ``i`` takes class ``i mod n`` of
+the fold, in id order, and draws its query, then its supports (until they differ from the
+query), from the class's images in key order, with HSNet's draw; 2300 episodes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from PIL import Image
 
 from .base import IndexedSource, check_mode, check_split, load_rgb, require_dir
 from .coco20i import InstanceAnnotations, load_json
+from .episodes import EpisodePlan
 
 LAYOUT = (
     "  <root>/lvis_v1_{train,val}.json (or <root>/annotations/lvis_v1_{train,val}.json)\n"
@@ -107,6 +114,8 @@ class Lvis92i(IndexedSource):
         self.num_classes = len(cat_ids)
         self.class_names = dict(self._ann.names)
         self._index = self._ann.index
+        self.fold, self.mode = fold, mode
+        self._val_counts: dict[int, int] = {}
         if fold is None:
             self.class_ids = list(range(self.num_classes))
         else:
@@ -116,9 +125,26 @@ class Lvis92i(IndexedSource):
                 val = InstanceAnnotations(load_json(_find_json(self.root, "val")), lvis_image_key)
                 if val.cat_ids != cat_ids:
                     raise ValueError("lvis92i: the train and val jsons have different categories")
-            counts = {c: len(v) for c, v in val.index.items()}
-            train_ids, test_ids = lvis_fold_classes(counts, self.num_classes, fold, num_folds, min_images)
+            self._val_counts = {c: len(v) for c, v in val.index.items()}
+            train_ids, test_ids = lvis_fold_classes(self._val_counts, self.num_classes, fold, num_folds, min_images)
             self.class_ids = train_ids if mode == "train" else test_ids
+
+    def evaluation_plan(self, shots: int) -> EpisodePlan:
+        """Matcher's LVIS-92i episodes; see the module docstring.
+
+        For the test classes of a fold of the val split the classes are Matcher's fold for
+        ``shots``; otherwise (no fold, or training classes) the classes of the source with
+        more than ``shots`` images, the others skipped with a warning.
+        """
+        if self.fold is not None and self.mode == "test" and self.split == "val":
+            _, classes = lvis_fold_classes(self._val_counts, self.num_classes, self.fold, self.num_folds,
+                                           min_images=shots + 1)
+        else:
+            classes = self.usable_classes(shots + 1)
+            if not classes:
+                raise ValueError(f"{self.name}: no class has more than {shots} images")
+        pools = {c: tuple(self.images_of_class(c)) for c in classes}
+        return EpisodePlan("cycled", tuple(classes), pools, num_episodes=2300, reference="Matcher matcher/data/lvis.py")
 
     def load_image(self, key: str) -> Image.Image:
         return load_rgb(self.root / key)

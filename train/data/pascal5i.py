@@ -18,11 +18,16 @@ Index: with HSNet's split files (in ``root/splits/pascal`` or ``splits_dir``) ev
 pairs are used as they are (HSNet filtered them); otherwise the images of
 ``ImageSets/Segmentation/<split>.txt`` are scanned and an image lists a class when it has
 >= ``min_pixels`` pixels of it (cached, see ``scan_label_index``).
+
+Evaluation episodes (:meth:`Pascal5i.evaluation_plan`): HSNet's, which need the split
+files: episode ``i``'s query is line ``i mod n`` of ``val/fold<f>.txt`` (not drawn), its
+supports are drawn from that class's lines of the file, in file order.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,7 @@ from .base import (
     require_file,
     scan_label_index,
 )
+from .episodes import EpisodePlan
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -89,6 +95,25 @@ def resolve_voc_root(root: Path) -> Path:
     return root
 
 
+def fold_number(path: Path) -> int:
+    """``3`` for ``fold3.txt`` (files sort by fold number, not by name)."""
+    digits = Path(path).stem.removeprefix("fold")
+    return int(digits) if digits.isdigit() else -1
+
+
+def read_split_file(path: Path, source: str = "pascal5i") -> list[tuple[str, int]]:
+    """HSNet's ``fold<f>.txt``: lines ``<name>__<class 1..20>`` -> ``[(name, class id 0..19)]`` in file order."""
+    pairs = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        name, _, cls = line.strip().rpartition("__")
+        if not name or not cls.isdigit() or not 1 <= int(cls) <= 20:
+            raise ValueError(f"{source}: bad line {line!r} in {str(path)!r}; expected '<name>__<class 1..20>'")
+        pairs.append((name, int(cls) - 1))
+    return pairs
+
+
 class Pascal5i(IndexedSource):
     """PASCAL-5i split ``split`` ("train" or "val").
 
@@ -121,16 +146,11 @@ class Pascal5i(IndexedSource):
         if splits_dir is not None:
             require_dir(sdir / hsnet_split, self.name, LAYOUT)
         fold_files = sorted((sdir / hsnet_split).glob("fold*.txt")) if (sdir / hsnet_split).is_dir() else []
+        self._split_lines: list[tuple[str, int]] = []  # HSNet's (name, class id) lines, in file order
         if fold_files:
-            pairs = []
-            for f in fold_files:
-                for line in f.read_text().split():
-                    name, _, cls = line.strip().rpartition("__")
-                    if not name or not cls.isdigit() or not 1 <= int(cls) <= 20:
-                        raise ValueError(f"{self.name}: bad line {line!r} in {str(f)!r}; "
-                                         "expected '<name>__<class 1..20>'")
-                    pairs.append((int(cls) - 1, name))
-            self._index = build_index(pairs)
+            for f in sorted(fold_files, key=fold_number):
+                self._split_lines += read_split_file(f, self.name)
+            self._index = build_index((c, name) for name, c in self._split_lines)
             self.split_source = str(sdir / hsnet_split)
         else:
             lst = require_file(self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt",
@@ -146,6 +166,28 @@ class Pascal5i(IndexedSource):
                                            cache_tag=f"pascal-{self.split}")
             self.split_source = str(lst)
         self._set_classes(range(self.num_classes), fold, mode, self.num_folds, "consecutive")
+
+    def evaluation_plan(self, shots: int) -> EpisodePlan:
+        """HSNet's PASCAL-5i episodes (``data/pascal.py``), from its split files.
+
+        Episode ``i``'s query is line ``i mod n`` of the split files (the fold's
+        ``val/fold<f>.txt`` for the test classes), in file order; its supports are drawn
+        from the images listed for its class in those lines, in file order; 1000 episodes.
+        Without split files, the episodes cannot be HSNet's: the default draw is used, with
+        a warning.
+        """
+        held = set(self.class_ids)
+        lines = tuple((name, c) for name, c in self._split_lines if c in held)
+        if not lines:
+            warnings.warn(f"{self.name}: HSNet's split files (splits/pascal/<trn|val>/fold<f>.txt) are not in "
+                          f"{self.split_source!r}: the episodes are drawn by the default rule, not HSNet's",
+                          UserWarning, stacklevel=2)
+            return super().evaluation_plan(shots)
+        pools: dict[int, list[str]] = {c: [] for c in self.class_ids}
+        for name, c in lines:
+            pools[c].append(name)
+        return EpisodePlan("listed", tuple(self.class_ids), pools, num_episodes=1000,
+                           reference="HSNet data/pascal.py", queries=lines)
 
     def load_image(self, key: str) -> Image.Image:
         return load_rgb(self.image_dir / f"{key}.jpg")
