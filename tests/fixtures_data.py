@@ -283,3 +283,45 @@ def make_folder(root: Path) -> Path:
             write_png(root / cls / "masks" / f"{cls}{j}.png", m)
     write_jpeg(root / "dog" / "images" / "nomask.png", 12, 10)
     return root
+
+
+# ---------------------------------------------------------------------- HSNet's split files, in their own order
+
+
+def shuffle_hsnet_pascal_splits(root: Path, seed: int = 0) -> Path:
+    """Rewrite the ``splits/pascal/*/fold<f>.txt`` of :func:`make_voc` with their lines in a random order (HSNet's
+    files are not sorted by name), so that tests can tell file order from sorted order."""
+    rng = np.random.default_rng(seed)
+    for path in sorted((root / "splits" / "pascal").glob("*/fold*.txt")):
+        lines = path.read_text().split("\n")[:-1]
+        path.write_text("".join(f"{lines[i]}\n" for i in rng.permutation(len(lines))))
+    return root
+
+
+COCO_HSNET_SIZE = 8
+
+
+def make_coco_hsnet(root: Path, fold: int = 0, num_images: int = 20, seed: int = 0) -> Path:
+    """HSNet's COCO layout for ``val2014``: PNG masks (class id + 1) and ``splits/coco/val/fold<fold>.pkl`` whose
+    per-class lists are in a random order (not sorted). Image ``j`` holds the fold's classes ``j, j + 1, j + 2``
+    (positions mod 20, each class in 3 images) in rows 0-1, 2-3, 4-5, and label 255 in row 7."""
+    tag = "val2014"
+    classes = [fold + 4 * v for v in range(20)]
+    classwise: dict[int, list[str]] = {c: [] for c in classes}
+    for j in range(num_images):
+        name = f"COCO_{tag}_{j:012d}"
+        write_jpeg(root / tag / f"{name}.jpg", COCO_HSNET_SIZE, COCO_HSNET_SIZE, seed=j)
+        lab = np.zeros((COCO_HSNET_SIZE, COCO_HSNET_SIZE), dtype=np.uint8)
+        for k in range(3):
+            c = classes[(j + k) % 20]
+            lab[2 * k:2 * k + 2, :] = c + 1
+            classwise[c].append(f"{tag}/{name}.jpg")
+        lab[7, :] = 255
+        write_png(root / "annotations" / tag / f"{name}.png", lab)
+    rng = np.random.default_rng(seed)
+    lists = {c: [v[i] for i in rng.permutation(len(v))] for c, v in classwise.items()}
+    d = root / "splits" / "coco" / "val"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"fold{fold}.pkl", "wb") as fh:
+        pickle.dump(lists, fh)
+    return root
