@@ -71,12 +71,12 @@ def test_decode_compressed_rle_and_degenerate_polygon():
 
 def test_episodes_skip_small_class_and_are_valid(coco_root):
     s = Coco20i(coco_root, "train", None, "train")
-    with pytest.warns(UserWarning, match=r"cat13"):
+    with pytest.warns(UserWarning, match=r"cat13"), pytest.warns(UserWarning, match="not HSNet's episodes"):
         ev = EvaluationEpisodes(s, shots=2, num_episodes=30, seed=0)
     assert 7 not in ev.class_ids
     for i in range(0, 30, 7):
         e = ev[i]
-        assert e.query_key not in e.support_keys and len(set(e.support_keys)) == 2
+        assert e.query_key not in e.support_keys and len(e.support_keys) == 2
         assert all(m.sum() > 0 for m in e.support_masks)
         assert all(k in s.images_of_class(e.class_id) for k in e.support_keys)
 
@@ -117,3 +117,17 @@ def test_missing_folder_message(tmp_path):
         Coco20i(tmp_path, "train", None, "train")
     with pytest.raises(ValueError, match="split"):
         Coco20i(tmp_path, "test2014", None, "train")
+
+
+def test_json_layout_draws_from_the_split_pickle_in_its_order(tmp_path):
+    root = make_coco(tmp_path, splits=("val",))
+    plan = coco_plan("val")
+    lists = {c: [f"val2014/COCO_val2014_{i:012d}.jpg" for i in sorted(plan, reverse=True) if c in plan[i]]
+             for c in (1, 5)}
+    (root / "splits" / "coco" / "val").mkdir(parents=True)
+    with open(root / "splits" / "coco" / "val" / "fold1.pkl", "wb") as f:
+        pickle.dump(lists, f)
+    s = Coco20i(root, "val", 1, "test")
+    assert s.layout == "json" and s.class_ids == [1, 5]
+    assert {c: list(v) for c, v in s.evaluation_plan(1).pools.items()} == lists  # not sorted
+    assert s.images_of_class(1) == sorted(lists[1])

@@ -1,4 +1,4 @@
-"""Fold splits, evaluation episodes (HSNet sequence) and training episodes (sharding, resume)."""
+"""Fold splits, evaluation episodes (HSNet's draw, the distinct protocol) and training episodes (sharding, resume)."""
 
 import numpy as np
 import pytest
@@ -8,9 +8,11 @@ from PIL import Image
 from train.data.base import FewShotSource
 from train.data.episodes import (
     Episode,
+    EpisodePlan,
     EvaluationEpisodes,
     TrainingEpisodes,
     collate_episodes,
+    draw_plan_specs,
     fold_class_ids,
     sample_training_episode,
 )
@@ -59,11 +61,38 @@ def test_fold_rules():
 # ---------------------------------------------------------------------- evaluation
 
 
-def test_evaluation_sequence_is_hsnet_rng_choice():
+def test_default_sequence_is_hsnets_coco_loop():
+    # A source without a reference loader gets HSNet's COCO-20i loop: class, query, supports until != query.
+    src = MemSource([5, 1, 7, 3, 9])
+    with pytest.warns(UserWarning, match="class1"):  # one image: no support could differ from the query
+        ev = EvaluationEpisodes(src, shots=3, num_episodes=300, seed=0)
+    assert ev.class_ids == [0, 2, 3, 4] and ev.protocol == "hsnet" and len(ev) == 300
+    state = np.random.get_state()
+    np.random.seed(0)  # the reference, as HSNet writes it
+    try:
+        for spec in ev.specs:
+            c = np.random.choice(ev.class_ids, 1, replace=False)[0]
+            imgs = src.images_of_class(c)
+            q = np.random.choice(imgs, 1, replace=False)[0]
+            sup = []
+            while True:
+                s = np.random.choice(imgs, 1, replace=False)[0]
+                if s != q:
+                    sup.append(s)
+                if len(sup) == 3:
+                    break
+            assert spec == (c, q, tuple(sup))
+    finally:
+        np.random.set_state(state)
+    assert any(len(set(s.support_keys)) < 3 for s in ev.specs)  # class 3 has 3 images: supports repeat
+    assert EvaluationEpisodes(src, 1).__len__() == 1000  # HSNet's count by default
+
+
+def test_distinct_protocol_sequence():
     src = MemSource([5, 1, 7, 3, 9])
     with pytest.warns(UserWarning, match="class1"):
-        ev = EvaluationEpisodes(src, shots=2, num_episodes=200, seed=0)
-    assert ev.class_ids == [0, 2, 3, 4]
+        ev = EvaluationEpisodes(src, shots=2, num_episodes=200, seed=0, protocol="distinct")
+    assert ev.class_ids == [0, 2, 3, 4] and ev.plan is None
     rng = np.random.RandomState(0)  # the reference, written with rng.choice
     for spec in ev.specs:
         c = rng.choice(ev.class_ids)
@@ -75,13 +104,17 @@ def test_evaluation_sequence_is_hsnet_rng_choice():
             if s != q and s not in sup:
                 sup.append(s)
         assert spec == (c, q, tuple(sup))
+    with pytest.warns(UserWarning, match="class1"):
+        assert len(EvaluationEpisodes(src, 1, protocol="distinct")) == 1000
 
 
 def test_evaluation_determinism_and_loading():
     src = MemSource([4, 4, 4])
-    a = EvaluationEpisodes(src, 3, 50, seed=0)
-    assert a.specs == EvaluationEpisodes(src, 3, 50, seed=0).specs
-    assert a.specs != EvaluationEpisodes(src, 3, 50, seed=1).specs
+    a = EvaluationEpisodes(src, 3, 50, seed=0, protocol="distinct")
+    assert a.specs == EvaluationEpisodes(src, 3, 50, seed=0, protocol="distinct").specs
+    assert a.specs != EvaluationEpisodes(src, 3, 50, seed=1, protocol="distinct").specs
+    assert EvaluationEpisodes(src, 3, 50).specs == EvaluationEpisodes(src, 3, 50).specs
+    assert EvaluationEpisodes(src, 3, 50).specs != EvaluationEpisodes(src, 3, 50, seed=1).specs
     e = a[7]
     assert isinstance(e, Episode) and e.shots == 3 and e.class_id == a.specs[7].class_id
     assert e.query_key not in e.support_keys and len(set(e.support_keys)) == 3
@@ -92,6 +125,18 @@ def test_evaluation_determinism_and_loading():
     loader = torch.utils.data.DataLoader(a, batch_size=4, collate_fn=collate_episodes)
     first = next(iter(loader))
     assert [x.query_key for x in first] == [s.query_key for s in a.specs[:4]]
+
+
+def test_plan_rules_listed_and_cycled():
+    pools = {0: ("a", "b", "c"), 1: ("x", "y")}
+    listed = EpisodePlan("listed", (0, 1), pools, num_episodes=4, reference="t",
+                         queries=(("c", 0), ("y", 1), ("a", 0)))
+    specs = draw_plan_specs(listed, 2)
+    assert len(specs) == 4 and [(s.query_key, s.class_id) for s in specs] == [("c", 0), ("y", 1), ("a", 0), ("c", 0)]
+    assert specs[1].support_keys == ("x", "x")  # class 1: the only other image, twice
+    cycled = EpisodePlan("cycled", (1, 0), pools, num_episodes=5, reference="t")
+    assert [s.class_id for s in draw_plan_specs(cycled, 1)] == [1, 0, 1, 0, 1]
+    assert len(draw_plan_specs(cycled, 1, num_episodes=7)) == 7
 
 
 def test_evaluation_shards_are_disjoint_and_complete():
@@ -107,7 +152,17 @@ def test_evaluation_errors():
     with pytest.raises(ValueError, match="shots"):
         EvaluationEpisodes(MemSource([3]), 0)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no class"):
-        EvaluationEpisodes(MemSource([2, 2]), 2)
+        EvaluationEpisodes(MemSource([2, 2]), 2, protocol="distinct")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no class"):
+        EvaluationEpisodes(MemSource([1, 1]), 1)
+    with pytest.raises(ValueError, match="protocol"):
+        EvaluationEpisodes(MemSource([3]), 1, protocol="random")
+    with pytest.raises(ValueError, match="num_episodes"):
+        EvaluationEpisodes(MemSource([3]), 1, num_episodes=0)
+    with pytest.raises(ValueError, match="query_rule"):
+        EpisodePlan("sorted", (0,), {0: ("a", "b")}, num_episodes=1, reference="t")
+    with pytest.raises(ValueError, match=r"no image pool for class\(es\) \[1\]"):
+        EpisodePlan("listed", (0,), {0: ("a", "b")}, num_episodes=1, reference="t", queries=(("z", 1),))
     with pytest.raises(ValueError, match="a batch mixes"):
         ev1, ev2 = EvaluationEpisodes(MemSource([3]), 1, 2), EvaluationEpisodes(MemSource([3]), 2, 2)
         collate_episodes([ev1[0], ev2[0]])

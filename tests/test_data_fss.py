@@ -34,11 +34,16 @@ def test_images_and_masks(fss_root):
 
 def test_episodes(fss_root):
     s = Fss1000(fss_root, "test")
-    ev = EvaluationEpisodes(s, shots=3, num_episodes=10)
+    ev = EvaluationEpisodes(s, shots=3)
+    assert len(ev) == 8  # HSNet: every test image once as the query
+    assert [sp.query_key for sp in ev.specs] == [f"{n}/{j}.jpg" for n in ("kiwi", "yak") for j in range(1, 5)]
     for spec in ev.specs:
         cls = s.class_names[spec.class_id]
         assert all(k.startswith(cls + "/") for k in (spec.query_key, *spec.support_keys))
-        assert spec.query_key not in spec.support_keys and len(set(spec.support_keys)) == 3
+        assert spec.query_key not in spec.support_keys  # supports may repeat (HSNet)
+    assert len(EvaluationEpisodes(s, shots=3, num_episodes=20)) == 20
+    distinct = EvaluationEpisodes(s, shots=3, num_episodes=10, protocol="distinct")
+    assert all(len(set(sp.support_keys)) == 3 for sp in distinct.specs)
 
 
 def test_errors(fss_root, tmp_path):
