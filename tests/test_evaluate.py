@@ -28,9 +28,10 @@ def evaluate_argv(pretrained, output, *extra) -> list[str]:
 
 
 def pooled_miou_by_hand(pipe, fold: int, shots: int, episodes: int) -> tuple[float, int]:
-    """HSNet's numbers written out: per class sum(intersection) / sum(union) at 64 x 64, then the mean."""
+    """HSNet's numbers written out: per class sum(intersection) / max(sum(union), 1) at 64 x 64, then the mean over
+    all the fold's classes (a class without an episode counts 0)."""
     source = build_source("camvid", CAMVID, "val", fold, "test")
-    inter, union = {}, {}
+    inter, union = {c: 0 for c in source.class_ids}, {c: 0 for c in source.class_ids}
     for episode in EvaluationEpisodes(source, shots=shots, num_episodes=episodes, seed=0):
         pred = pipe(episode.query_image, support_images=episode.support_images, support_masks=episode.support_masks,
                     processing_resolution=RESOLUTION, match_input_resolution=False).masks[0]
@@ -41,6 +42,15 @@ def pooled_miou_by_hand(pipe, fold: int, shots: int, episodes: int) -> tuple[flo
         inter[c] = inter.get(c, 0) + np.sum(pred & (truth == 1) & valid)
         union[c] = union.get(c, 0) + np.sum((pred | (truth == 1)) & valid)
     return float(np.mean([100 * inter[c] / max(union[c], 1) for c in inter])), len(inter)
+
+
+def test_evaluate_defaults_record_the_protocol_and_mask_rule(saved_pipeline, tmp_path):
+    output = tmp_path / "results.json"
+    assert run_evaluate(evaluate_argv(saved_pipeline, output, "--episodes", "2")) == 0
+    results = json.loads(output.read_text())
+    assert results["episode_protocol"] == "hsnet" and results["threshold_precision"] == "8bit"
+    assert results["episode_reference"] == "HSNet data/coco.py"  # CamVid: HSNet's COCO-20i loop
+    assert set(results["per_class"]) == {"Sky", "Pavement", "Car"}  # every fold class, 0 without an episode
 
 
 def test_evaluate_writes_the_hsnet_numbers(saved_pipeline, tmp_path, capsys):
