@@ -216,11 +216,7 @@ class DiffewSImageProcessor:
             if mask.mode == "1":
                 return np.asarray(mask, dtype=bool)
             mask = np.asarray(mask.convert("L"))
-        array = DiffewSImageProcessor._to_numpy(mask, name)
-        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-            array = array.squeeze(0) if array.shape[0] == 1 else array[..., 0]
-        if array.ndim != 2:
-            raise ValueError(f"`{name}` must be a single-channel mask [H, W], got shape {tuple(array.shape)}.")
+        array = DiffewSImageProcessor._single_channel(mask, name, "a single-channel mask")
         if array.dtype == np.bool_:
             return array
         if array.min() < 0 or array.max() > 255:
@@ -268,13 +264,8 @@ class DiffewSImageProcessor:
                     f"`{name}` is a {mask.mode!r} image: a label map must be a palette (\"P\") or single-channel image "
                     "whose values are class ids."
                 )
-            array = np.asarray(mask)
-        else:
-            array = DiffewSImageProcessor._to_numpy(mask, name)
-        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-            array = array.squeeze(0) if array.shape[0] == 1 else array[..., 0]
-        if array.ndim != 2:
-            raise ValueError(f"`{name}` must be a label map [H, W], got shape {tuple(array.shape)}.")
+            mask = np.asarray(mask)
+        array = DiffewSImageProcessor._single_channel(mask, name, "a label map")
         if array.dtype == np.bool_:
             return array.astype(np.int64)
         if not np.issubdtype(array.dtype, np.integer):
@@ -312,6 +303,16 @@ class DiffewSImageProcessor:
         image = PIL.Image.fromarray(np.asarray(label_map, dtype=np.uint8))
         image.putpalette(palette or DiffewSImageProcessor.default_palette())
         return image
+
+    @staticmethod
+    def _single_channel(value: Any, name: str, what: str) -> np.ndarray:
+        """np.ndarray or torch.Tensor [H, W], [1, H, W] or [H, W, 1] -> np.ndarray [H, W]."""
+        array = DiffewSImageProcessor._to_numpy(value, name)
+        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+            array = array.squeeze(0) if array.shape[0] == 1 else array[..., 0]
+        if array.ndim != 2:
+            raise ValueError(f"`{name}` must be {what} [H, W], got shape {tuple(array.shape)}.")
+        return array
 
     @staticmethod
     def _to_numpy(value: Any, name: str) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_diffews import DiffewSUNet2DConditionModel
+from tests.test_support_cache import support_pass_counter  # noqa: F401 - a fixture: (episodes, shots) per support pass
 from tests.tiny_models import tiny_pipeline
 
 RNG = np.random.default_rng(7)
@@ -47,20 +47,6 @@ def encoded_images(pipe):
     handle = pipe.vae.encoder.register_forward_hook(lambda module, args, output: counts.append(args[0].shape[0]))
     yield counts
     handle.remove()
-
-
-@pytest.fixture
-def support_passes(monkeypatch):
-    """(episodes, shots) of every UNet support pass."""
-    calls = []
-    original = DiffewSUNet2DConditionModel._support_pass
-
-    def recording(self, support_sample, *args, **kwargs):
-        calls.append(tuple(support_sample.shape[:2]))
-        return original(self, support_sample, *args, **kwargs)
-
-    monkeypatch.setattr(DiffewSUNet2DConditionModel, "_support_pass", recording)
-    return calls
 
 
 def _one_class(pipe, class_id, query, **kwargs):
@@ -121,14 +107,14 @@ def test_sparse_ids_and_tensor_label_maps(pipe, reference):
     np.testing.assert_allclose(out.class_probabilities[0].numpy(), reference.class_probabilities[0][[2, 0, 1]], atol=1e-5)
 
 
-def test_cached_support_and_batches_give_the_same_classes(pipe, encoded_images, support_passes):
+def test_cached_support_and_batches_give_the_same_classes(pipe, encoded_images, support_pass_counter):  # noqa: F811
     support = pipe.encode_support(IMAGES, LABELS, batch_size=2)
     # classes 1 and 2 (two shots each) in one support pass, class 3 (one shot) in another
-    assert support_passes == [(2, 2), (1, 1)]
+    assert support_pass_counter == [(2, 2), (1, 1)]
     assert support.class_ids == [1, 2, 3] and [kv.num_shots for kv in support.class_key_values] == [2, 2, 1]
     encoded_images.clear()
     cached = pipe(QUERIES, support=support, batch_size=4)  # 6 (query, class) episodes: UNet batches [4], [2]
-    assert sum(encoded_images) == 2 and len(support_passes) == 2  # only the queries, no support pass
+    assert sum(encoded_images) == 2 and len(support_pass_counter) == 2  # only the queries, no support pass
     uncached = pipe(QUERIES, support_images=IMAGES, support_masks=LABELS, batch_size=1)
     for a, b in zip(cached.class_probabilities, uncached.class_probabilities):
         np.testing.assert_allclose(a, b, atol=1e-5)
