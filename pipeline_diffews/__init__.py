@@ -4,6 +4,7 @@
 # transformers); exporting ModelMixin lets `DiffewSPipeline.from_pretrained` load the UNet from this package.
 from diffusers import ModelMixin  # noqa: F401
 
+from .official import load_pipeline, resolve_model
 from .pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSPipelineOutput, DiffewSSupport
 from .unet_diffews import DiffewSAttnProcessor, DiffewSUNet2DConditionModel, SupportKeyValues
 
@@ -15,4 +16,6 @@ __all__ = [
     "DiffewSSupport",
     "DiffewSUNet2DConditionModel",
     "SupportKeyValues",
+    "load_pipeline",
+    "resolve_model",
 ]

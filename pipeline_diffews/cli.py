@@ -1,6 +1,8 @@
 """The `diffews` command line.
 
-    diffews segment --model DIR_OR_REPO --support IMG --support-mask MASK --input PATH --output DIR
+    diffews segment --model NAME_DIR_OR_REPO --support IMG --support-mask MASK --input PATH --output DIR
+    diffews download NAME [--output DIR]
+    diffews publish NAME_OR_DIR --repo OWNER/NAME [--private]
     diffews convert-official --official DIR --base DIR --output DIR
     diffews init-from-sd --base DIR --output DIR
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert_official, init_from_sd, segment
+from . import convert_official, hub, init_from_sd, official, segment
 
 COMMANDS = {
     "segment": (segment, "segment images, folders, globs and videos with one set of examples"),
+    "download": (official, "download, convert and cache the authors' checkpoint NAME (incontext, coco-fold0..3)"),
+    "publish": (hub, "push a converted pipeline with its code and model card to the Hub"),
     "convert-official": (convert_official, "convert the authors' fine-tuned UNet into a DiffewS pipeline folder"),
     "init-from-sd": (init_from_sd, "make an untrained DiffewS pipeline from Stable Diffusion 2.1 (to train)"),
 }
@@ -39,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parses `argv` (default: sys.argv[1:]) and runs the command. Returns the exit code."""
     args = build_parser().parse_args(argv)
     module, _ = COMMANDS[args.command]
+    if getattr(args, "model", None) is not None:  # an official name becomes its cached folder
+        try:
+            args.model = official.resolve_model(args.model)
+        except (ImportError, ValueError, OSError) as error:
+            print(f"error: --model {args.model}: {error}", file=sys.stderr)
+            return 2
     return module.run(args)
 
 

@@ -277,7 +277,7 @@ def test_examples_are_complete_and_their_paint_matches_the_masks():
 
 def test_model_comes_from_the_flag_then_the_environment_then_the_default(monkeypatch):
     monkeypatch.delenv(app.MODEL_ENV, raising=False)
-    assert app.parse_args([]).model == app.DEFAULT_MODEL_ID == "diffews/diffews-incontext"
+    assert app.parse_args([]).model == app.DEFAULT_MODEL_ID == "incontext"
     monkeypatch.setenv(app.MODEL_ENV, "/models/diffews")
     assert app.parse_args([]).model == "/models/diffews"
     assert app.parse_args(["--model", "other/repo", "--port", "7000"]).model == "other/repo"

@@ -29,7 +29,8 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pipeline_diffews import DiffewSPipeline  # noqa: E402
+from pipeline_diffews import DiffewSPipeline, resolve_model  # noqa: E402
+from pipeline_diffews.official import OFFICIAL_MODELS  # noqa: E402
 from train.data import SOURCES, EvaluationEpisodes, build_source, collate_episodes  # noqa: E402
 from train.data.episodes import PROTOCOLS, EpisodeSpec  # noqa: E402
 from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
@@ -51,7 +52,8 @@ def resolution_arg(value: str) -> int | str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--pretrained", required=True, help="DiffewS pipeline folder or Hub repo.")
+    a("--pretrained", required=True, help="DiffewS pipeline folder, Hub repo, or official name (incontext, "
+                                          "coco-fold0..3: downloaded and converted the first time).")
     a("--dataset", required=True, choices=sorted(set(SOURCES) - {"incontext"}))
     a("--data-root", default=None, help="The dataset's folder (synthetic: none).")
     a("--fold", type=int, default=None, help="Score the fold's test classes (default: every class).")
@@ -87,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--data-root is required for --dataset {args.dataset}")
     if args.shots < 1 or (args.episodes is not None and args.episodes < 1) or args.batch_size < 1:
         p.error("--shots, --episodes and --batch-size must be >= 1")
-    if args.update_model_card and not Path(args.pretrained).is_dir():
+    if args.update_model_card and not (Path(args.pretrained).is_dir() or args.pretrained in OFFICIAL_MODELS):
         p.error("--update-model-card needs --pretrained to be a local pipeline folder")
     args.split = args.split or DEFAULT_SPLITS.get(args.dataset, "val")
     return args
@@ -150,6 +152,7 @@ def format_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.pretrained = resolve_model(args.pretrained)  # an official name: downloaded once (processes wait on a lock)
     accelerator = Accelerator(cpu=args.cpu)
     with accelerator.main_process_first():
         source = build_source(args.dataset, args.data_root, args.split, args.fold, "test", **dict(args.source_option))
