@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Few-shot from generated episodes: a tiny DiffewS trained on `--dataset synthetic`, scored on held-out kinds.
+
+    python benchmarks/learning_synthetic.py --output-dir runs/learning_synthetic --steps 2000 \\
+        --camvid-root /work/shared/data/camvid --export-pipeline examples/tiny-fewshot-pipeline
+
+1. Trains a tiny VAE (`benchmarks/tiny_vae.py`, scale factor 4) on generated training scenes and the masks of their
+   kinds (held-out kinds never shown).
+2. Builds the tiny DiffewS of `benchmarks/learning_camvid.py` (3.1M-parameter UNet) around it and trains it with
+   `train/train.py --dataset synthetic` (training kinds, train split), and the same model for the same steps WITHOUT
+   supports (every support latent replaced by zeros, in training and evaluation).
+3. Scores, with `train/evaluate.py`'s protocol (episodes from numpy seed 0, pooled per-class IoU), on the val split's
+   held-out kinds at 1 and 5 shots: the model, the support-free model and copying the support mask onto the query;
+   and the model on the val split's training kinds (seen kinds, other scenes), 1 shot.
+4. Segments the demo's examples (`examples/<set>/`, true query masks in `truth/`) with each set's supports: IoU per
+   query at the query's own size, as the demo shows it.
+5. With `--camvid-root`: fine-tunes the trained model on CamVid fold 0 (`--camvid-steps`) and scores seen and novel
+   classes as `benchmarks/learning_camvid.py` does, beside that benchmark's recorded from-scratch figures.
+6. Writes `results.json` and `results.md` to `--output-dir`.
+
+Budgets are steps, so a run is reproducible (fixed seeds, 1 thread, float32); CPU and wall times are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.learning_camvid import (  # noqa: E402
+    ROW_TITLES,
+    Stopwatch,
+    build_pipeline,
+    episode_loader,
+    machine,
+    run_train_script,
+    score_copy_baseline,
+    score_query_only,
+)
+from benchmarks.tiny_vae import CamVidPixels, reconstruction_quality, train_tiny_vae  # noqa: E402
+from pipeline_diffews import DiffewSPipeline  # noqa: E402
+from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor  # noqa: E402
+from train.data import EvaluationEpisodes, build_source  # noqa: E402
+from train.evaluate import score_episodes  # noqa: E402
+from train.metrics import FewShotSegmentationMetric  # noqa: E402
+
+ROWS = ("diffews", "query_only", "copy_support_mask")
+EXAMPLES_DIR = REPO_ROOT / "examples"
+CAMVID_RECORD = REPO_ROOT / "benchmarks" / "results" / "learning_camvid.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--output-dir", required=True, help="Pipelines, results.json and results.md go here.")
+    a("--resolution", type=int, default=64, help="Training, processing and scoring resolution (multiple of 16).")
+    a("--steps", type=int, default=2000, help="Training steps per model (DiffewS and its support-free twin).")
+    a("--vae-steps", type=int, default=500, help="Training steps of the tiny VAE (batches of 16).")
+    a("--vae-scenes", type=int, default=1500, help="Generated training scenes the VAE learns from.")
+    a("--batch-size", type=int, default=8, help="Episodes per training step.")
+    a("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (from scratch).")
+    a("--lr-end", type=float, default=1e-5, help="Learning rate at the last step (linear decay).")
+    a("--max-shots", type=int, default=1, help="Shots per training episode are drawn in 1..max_shots.")
+    a("--shots", type=int, nargs="+", default=[1, 5], help="Shots of the held-out evaluations.")
+    a("--episodes", type=int, default=300, help="Evaluation episodes per row and shot count.")
+    a("--eval-batch-size", type=int, default=16, help="Episodes per pipeline call in the evaluation.")
+    a("--threads", type=int, default=1, help="torch threads (1 is the fastest per CPU second on a busy machine).")
+    a("--jobs", type=int, default=2, help="Trainings run side by side in this many processes (same results).")
+    a("--seed", type=int, default=0, help="Seed of the initial weights, the generated scenes and training episodes.")
+    a("--examples-dir", default=str(EXAMPLES_DIR), help="Demo example sets to score (each with truth/ masks).")
+    a("--camvid-root", default=None, help="CamVid folder: also fine-tune on CamVid fold 0 and score it.")
+    a("--camvid-steps", type=int, default=1000, help="Fine-tuning steps on CamVid.")
+    a("--camvid-learning-rate", type=float, default=5e-4, help="AdamW learning rate of the CamVid fine-tune.")
+    a("--export-pipeline", default=None, help="Also save the trained DiffewS pipeline (safetensors) here.")
+    args = p.parse_args(argv)
+    if args.resolution % 16 or args.resolution < 16:
+        p.error(f"--resolution must be a positive multiple of 16 (VAE factor 4 x UNet factor 4), got {args.resolution}")
+    for name in ("steps", "vae_steps", "vae_scenes", "batch_size", "max_shots", "episodes", "eval_batch_size",
+                 "threads", "jobs", "camvid_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.shots) < 1:
+        p.error(f"--shots must all be >= 1, got {args.shots}")
+    return args
+
+
+# ---------------------------------------------------------------------- data
+
+
+def synthetic_pixels(count: int, resolution: int, seed: int, split: str = "train", mode: str = "train") -> CamVidPixels:
+    """Images and kind masks of `count` generated scenes, at `resolution` as the pipeline feeds them to the VAE.
+
+    Scene i is scene i // kinds of kind i % kinds; every kind of a scene gives a mask (target and distractors).
+    Returns images [count, 3, R, R] in [-1, 1] and masks [M, 3, R, R] in {-1, 1} with their class ids.
+    """
+    source = build_source("synthetic", None, split, None, mode, seed=seed)
+    to_image, to_mask = DiffewSImageProcessor.image_to_tensor, DiffewSImageProcessor.mask_to_tensor
+    images, masks, class_ids = [], [], []
+    for i in range(count):
+        kind = source.class_ids[i % len(source.class_ids)]
+        key = f"{split}/{kind}/{i // len(source.class_ids)}"
+        images.append(to_image(source.load_image(key), resolution))
+        for c in source.scene_kinds(key)[0]:
+            mask = source.load_mask(key, c)
+            if mask.any():
+                masks.append(to_mask(mask == 1, resolution))
+                class_ids.append(c)
+    return CamVidPixels(torch.stack(images), torch.stack(masks), torch.tensor(class_ids))
+
+
+def train_argv(args, pretrained: Path, output_dir: Path, steps: int, dataset: str = "synthetic") -> list[str]:
+    """The `train/train.py` command line of one model (synthetic training kinds, or CamVid fold 0)."""
+    data = (["--dataset", "synthetic", "--source-option", f"seed={args.seed}"] if dataset == "synthetic"
+            else ["--dataset", "camvid", "--data-root", str(args.camvid_root), "--fold", "0"])
+    learning_rate = args.learning_rate if dataset == "synthetic" else args.camvid_learning_rate
+    return data + [
+        "--pretrained", str(pretrained), "--output-dir", str(output_dir), "--max-steps", str(steps),
+        "--batch-size", str(args.batch_size), "--gradient-accumulation-steps", "1",
+        "--learning-rate", str(learning_rate), "--lr-end", str(args.lr_end), "--max-shots", str(args.max_shots),
+        "--resolution", str(args.resolution), "--mixed-precision", "no", "--checkpointing-steps", str(steps + 1),
+        "--dataloader-num-workers", "0", "--report-to", "none", "--seed", str(args.seed), "--cpu",
+    ]
+
+
+def timed_training(argv: list[str], blank: bool, threads: int) -> dict:
+    """Runs `train/train.py` with `argv` in this process (see `run_train_script`); its wall and CPU seconds."""
+    torch.set_num_threads(threads)
+    with Stopwatch() as watch:
+        run_train_script(argv, blank=blank)
+    return watch.as_dict()
+
+
+# ---------------------------------------------------------------------- scoring
+
+
+def scores_of(metric: FewShotSegmentationMetric) -> dict:
+    scores = metric.compute()
+    return {"miou": round(scores["miou"], 2), "fb_iou": round(scores["fb_iou"], 2), "episodes": scores["episodes"]}
+
+
+def score_row(row: str, pipe, episodes: EvaluationEpisodes, args, shots: int) -> dict:
+    """mIoU / FB-IoU of one row (`ROWS`) on `episodes`."""
+    metric = FewShotSegmentationMetric(num_classes=episodes.source.num_classes)
+    loader = episode_loader(episodes, args.eval_batch_size)
+    if row == "diffews":
+        score_episodes(pipe, loader, metric, args.resolution, progress=False)
+    elif row == "query_only":
+        score_query_only(pipe, loader, metric, args.resolution, shots)
+    else:
+        score_copy_baseline(loader, metric, args.resolution)
+    return scores_of(metric)
+
+
+def evaluate_synthetic(args, pipelines: dict) -> dict:
+    """{"held_out": {"<k>-shot": {row: scores}}, "seen": {"1-shot": {"diffews": scores}}} on the val split."""
+    results = {"held_out": {}, "seen": {}}
+    held_out = build_source("synthetic", None, "val", None, "test", seed=args.seed)
+    for shots in args.shots:
+        episodes = EvaluationEpisodes(held_out, shots=shots, num_episodes=args.episodes, seed=0)
+        results["held_out"][f"{shots}-shot"] = {
+            row: score_row(row, pipelines.get(row), episodes, args, shots) for row in ROWS}
+        print(f"held-out {shots}-shot: {results['held_out'][f'{shots}-shot']}", flush=True)
+    seen = build_source("synthetic", None, "val", None, "train", seed=args.seed)
+    episodes = EvaluationEpisodes(seen, shots=1, num_episodes=args.episodes, seed=0)
+    results["seen"]["1-shot"] = {row: score_row(row, pipelines.get(row), episodes, args, 1) for row in ROWS}
+    print(f"seen 1-shot: {results['seen']['1-shot']}", flush=True)
+    return results
+
+
+def example_sets(folder) -> dict[str, dict]:
+    """{set name: {"supports": [(image, mask)], "queries": [(name, image, true mask)]}} of the demo's example folders.
+
+    Each set folder holds `support_<i>.png` and `support_<i>_mask.png`, `query_<j>.png` and `truth/query_<j>.png`
+    (true masks: L, 255 = object). Folders without supports, queries or true masks are skipped.
+    """
+    sets = {}
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        supports = sorted(path.glob("support_[0-9].png"))
+        queries = sorted(path.glob("query_*.png"))
+        if not supports or not queries or not all((path / "truth" / q.name).is_file() for q in queries):
+            continue
+
+        def read(p: Path, mode: str) -> Image.Image:
+            with Image.open(p) as im:
+                return im.convert(mode)
+
+        sets[path.name] = {
+            "supports": [(read(s, "RGB"), np.asarray(read(s.with_name(f"{s.stem}_mask.png"), "L")) >= 128)
+                         for s in supports],
+            "queries": [(q.name, read(q, "RGB"), np.asarray(read(path / "truth" / q.name, "L")) >= 128)
+                        for q in queries],
+        }
+    return sets
+
+
+@torch.no_grad()
+def score_examples(pipe, folder) -> dict[str, dict[str, float]]:
+    """{set: {query file: IoU in [0, 1]}}: each set's queries segmented with all its supports, at the query's size."""
+    results = {}
+    for name, example in example_sets(folder).items():
+        images = [image for image, _ in example["supports"]]
+        masks = [mask for _, mask in example["supports"]]
+        support = pipe.encode_support(images, masks)
+        results[name] = {}
+        for query_name, image, truth in example["queries"]:
+            predicted = pipe(image, support=support, output_type="np").masks[0]
+            inter, union = np.logical_and(predicted, truth).sum(), np.logical_or(predicted, truth).sum()
+            results[name][query_name] = round(float(inter / max(union, 1)), 3)
+    return results
+
+
+def evaluate_camvid(args, pipe) -> dict:
+    """Seen and novel classes of CamVid fold 0 (val, 1 shot), as `benchmarks/learning_camvid.py` scores them."""
+    results = {}
+    for split_name, mode in (("seen", "train"), ("novel", "test")):
+        source = build_source("camvid", args.camvid_root, "val", 0, mode)
+        episodes = EvaluationEpisodes(source, shots=1, num_episodes=args.episodes, seed=0)
+        metric = FewShotSegmentationMetric(num_classes=source.num_classes)
+        score_episodes(pipe, episode_loader(episodes, args.eval_batch_size), metric, args.resolution, progress=False)
+        scores = metric.compute()
+        results[split_name] = {
+            "miou": round(scores["miou"], 2), "fb_iou": round(scores["fb_iou"], 2), "episodes": scores["episodes"],
+            "per_class": {source.class_names[c]: round(v, 2) for c, v in scores["per_class"].items()},
+        }
+        print(f"camvid {split_name}: mIoU {scores['miou']:.2f}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+    cfg = results["config"]
+    lines = [
+        f"Generated scenes, val split, held-out kinds (purple or star), {cfg['episodes']} episodes per row, scored at "
+        f"{cfg['resolution']} x {cfg['resolution']}; mIoU / FB-IoU x100.", "",
+        "| model | " + " | ".join(f"{k} mIoU | {k} FB-IoU" for k in results["synthetic"]["held_out"]) + " |",
+        "|---|" + "---:|---:|" * len(results["synthetic"]["held_out"]),
+    ]
+    for row in ROWS:
+        cells = " | ".join(f"{v[row]['miou']:.1f} | {v[row]['fb_iou']:.1f}"
+                           for v in results["synthetic"]["held_out"].values())
+        lines.append(f"| {ROW_TITLES[row]} | {cells} |")
+    seen = results["synthetic"]["seen"]["1-shot"]
+    lines += ["", "Training kinds, val scenes, 1-shot: " + ", ".join(
+        f"{ROW_TITLES[row]} {seen[row]['miou']:.1f}" for row in ROWS) + " mIoU.", "",
+        "Demo examples (IoU at the query's size, all the set's supports):", "",
+        "| set | query | IoU |", "|---|---|---:|"]
+    for name, queries in results["examples"].items():
+        lines += [f"| {name} | {q} | {iou:.3f} |" for q, iou in queries.items()]
+    if "camvid" in results:
+        c = results["camvid"]
+        lines += ["", f"CamVid fold 0, val, 1-shot, {cfg['episodes']} episodes each (fine-tuned {cfg['camvid_steps']} "
+                  "steps from the generated-scenes model; the other rows: `benchmarks/results/learning_camvid.json`):",
+                  "", "| model | seen mIoU | novel mIoU |", "|---|---:|---:|",
+                  f"| generated pretraining + CamVid fine-tune | {c['finetuned']['seen']['miou']:.1f} | "
+                  f"{c['finetuned']['novel']['miou']:.1f} |"]
+        for row, r in c.get("from_scratch", {}).items():
+            lines.append(f"| from scratch on CamVid: {ROW_TITLES[row]} | {r['seen']['miou']:.1f} | "
+                         f"{r['novel']['miou']:.1f} |")
+    lines += ["", "| phase | CPU minutes | wall minutes |", "|---|---:|---:|"]
+    for phase, v in results["timings"].items():
+        lines.append(f"| {phase} | {v['cpu_s'] / 60:.1f} | {v['wall_s'] / 60:.1f} |")
+    m = results["machine"]
+    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} thread(s); "
+              f"load average {m['load_average']} at the start, {results['load_average_end']} at the end.",
+              "", "```", results["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def camvid_record() -> dict:
+    """The rows of the recorded from-scratch CamVid run (seen / novel mIoU), if the record is there."""
+    if not CAMVID_RECORD.is_file():
+        return {}
+    rows = json.loads(CAMVID_RECORD.read_text())["rows"]
+    return {row: {s: {"miou": rows[row][s]["miou"]} for s in ("seen", "novel")} for row in rows}
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/learning_synthetic.py"] + given)
+    info, timings = machine(), {}
+
+    with Stopwatch() as watch:
+        pixels = synthetic_pixels(args.vae_scenes, args.resolution, args.seed)
+        vae, vae_report = train_tiny_vae(pixels, steps=args.vae_steps, batch_size=16, seed=args.seed)
+        vae_report["val_roundtrip"] = reconstruction_quality(
+            vae, synthetic_pixels(max(1, args.vae_scenes // 5), args.resolution, args.seed, "val", "test"))
+        vae_report["val_roundtrip"].pop("mask_iou_per_class")
+    timings["VAE"] = watch.as_dict()
+    print(f"VAE: {vae_report}", flush=True)
+
+    init_dir = output_dir / "init"
+    pipe = build_pipeline(vae, args.resolution, args.seed)
+    pipe.save_pretrained(init_dir)
+    # Each training runs in its own process (CPU times are those of that process); `--jobs` of them at a time.
+    pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    runs = {row: pool.submit(timed_training, train_argv(args, init_dir, output_dir / row, args.steps), blank,
+                             args.threads) for row, blank in (("diffews", False), ("query_only", True))}
+    for row, run in runs.items():
+        timings[f"training: {ROW_TITLES[row]}"] = run.result()
+        print(f"trained {row}: {timings[f'training: {ROW_TITLES[row]}']}", flush=True)
+    if args.camvid_root:  # fine-tuned in the background while the generated episodes are scored
+        argv = train_argv(args, output_dir / "diffews", output_dir / "camvid_finetuned", args.camvid_steps, "camvid")
+        camvid_run = pool.submit(timed_training, argv, False, args.threads)
+
+    pipelines = {}
+    for row in ("diffews", "query_only"):
+        pipelines[row] = DiffewSPipeline.from_pretrained(output_dir / row, dtype=torch.float32)
+        pipelines[row].set_progress_bar_config(disable=True)
+    results = {}
+    with Stopwatch() as watch:
+        results["synthetic"] = evaluate_synthetic(args, pipelines)
+        results["examples"] = score_examples(pipelines["diffews"], args.examples_dir)
+    timings["evaluation (generated episodes and demo examples)"] = watch.as_dict()
+    print(f"examples: {results['examples']}", flush=True)
+
+    if args.camvid_root:
+        timings["CamVid fine-tune"] = camvid_run.result()
+        finetuned = DiffewSPipeline.from_pretrained(output_dir / "camvid_finetuned", dtype=torch.float32)
+        finetuned.set_progress_bar_config(disable=True)
+        with Stopwatch() as watch:
+            results["camvid"] = {"finetuned": evaluate_camvid(args, finetuned), "from_scratch": camvid_record()}
+        timings["CamVid evaluation"] = watch.as_dict()
+    pool.shutdown()
+
+    results.update({
+        "config": {**{k: v for k, v in vars(args).items() if k != "export_pipeline"},
+                   "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())},
+        "vae": vae_report,
+        "timings": timings,
+        "machine": info,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "command": command,
+    })
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (output_dir / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    if args.export_pipeline:
+        pipelines["diffews"].save_pretrained(args.export_pipeline, safe_serialization=True)
+        print(f"Saved the trained pipeline to {args.export_pipeline}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
