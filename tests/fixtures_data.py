@@ -325,3 +325,37 @@ def make_coco_hsnet(root: Path, fold: int = 0, num_images: int = 20, seed: int =
     with open(d / f"fold{fold}.pkl", "wb") as fh:
         pickle.dump(lists, fh)
     return root
+
+
+def make_lvis_matcher(root: Path, seed: int = 0) -> Path:
+    """Matcher's LVIS layout: ``lvis_{train,val}.pkl`` (category -> image name -> ``{"annotations": [...]}``) with
+    categories and image names in a random order (not sorted), images under ``coco/{train2017,val2017}``.
+    Val: category ``k`` (of 23, key ``100 + 3k``) lies in images ``k, k + 1`` and, for even ``k``, ``k + 5`` (mod
+    12); category 22 in one image only. Each annotation is a polygon box in columns ``x0 .. x0 + 3``,
+    ``x0 = 1 + 4 (k mod 4)``."""
+    rng = np.random.default_rng(seed)
+
+    def build(folder_of, n_images, plan):
+        names = []
+        for i in range(n_images):
+            name = f"{folder_of(i)}/{i:012d}.jpg"
+            write_jpeg(root / "coco" / name, LVIS_W, LVIS_H, seed=i)
+            names.append(name)
+        data = {}
+        for k in rng.permutation(LVIS_NUM_CATS):
+            images = plan(int(k))
+            x0 = 1 + (k % 4) * 4
+            data[100 + 3 * int(k)] = {names[i]: {"annotations": [{"segmentation": [rect_polygon(x0, 2, x0 + 3, 12)],
+                                                                  "category_id": 100 + 3 * int(k)}]}
+                                      for i in rng.permutation(sorted(images))}
+        return data
+
+    def val_plan(k):
+        return {k % 12} if k == 22 else {k % 12, (k + 1) % 12} | ({(k + 5) % 12} if k % 2 == 0 else set())
+
+    val = build(lambda i: "val2017" if i % 2 == 0 else "train2017", 12, val_plan)
+    train = build(lambda i: "train2017", 6, lambda k: {k % 6, (k + 2) % 6})
+    for split, data in (("val", val), ("train", train)):
+        with open(root / f"lvis_{split}.pkl", "wb") as f:
+            pickle.dump(data, f)
+    return root

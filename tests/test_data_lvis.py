@@ -62,3 +62,28 @@ def test_episodes_never_loop_on_rare_classes(lvis_root):
 def test_missing_json(tmp_path):
     with pytest.raises(ValueError, match="lvis_v1_val.json"):
         Lvis92i(tmp_path, "val", 0, "test")
+
+
+def test_matcher_layout_train_split_and_errors(tmp_path):
+    import pickle
+
+    from tests.fixtures_data import make_lvis_matcher
+
+    root = make_lvis_matcher(tmp_path / "lvis")
+    with open(root / "lvis_val.pkl", "rb") as f:
+        val_keys = list(pickle.load(f))
+    test = Lvis92i(root, "val", 2, "test")
+    train = Lvis92i(root, "train", 2, "train")
+    assert train.layout == "matcher" and train.class_names[0] == str(val_keys[0])
+    assert train.class_ids == [c for c in range(LVIS_NUM_CATS) if c not in test.class_ids]
+    c = train.class_ids[0]
+    key = train.images_of_class(c)[0]
+    assert key.startswith("train2017/") and train.load_mask(key, c).sum() > 0
+    assert train.load_mask(key, next(k for k in range(LVIS_NUM_CATS) if key not in train.images_of_class(k))).sum() == 0
+    with pytest.raises(ValueError, match="layout"):
+        Lvis92i(root, "val", 0, "test", layout="pickle")
+    (tmp_path / "bad").mkdir()
+    with open(tmp_path / "bad" / "lvis_val.pkl", "wb") as f:
+        pickle.dump([1, 2], f)
+    with pytest.raises(ValueError, match="Matcher's"):
+        Lvis92i(tmp_path / "bad", "val")

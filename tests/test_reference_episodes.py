@@ -274,3 +274,24 @@ def test_a_class_with_only_the_query_is_an_error():
     plan = EpisodePlan("listed", (0,), {0: ("a",)}, num_episodes=1, reference="test", queries=(("a", 0),))
     with pytest.raises(ValueError, match="no image other than the query"):
         draw_plan_specs(plan, 1)
+
+
+@pytest.mark.parametrize("fold,shots", [(1, 1), (0, 2)])
+def test_lvis_episodes_from_matchers_pickles_are_matchers(tmp_path_factory, fold, shots):
+    from tests.fixtures_data import make_lvis_matcher
+
+    root = make_lvis_matcher(tmp_path_factory.mktemp("lvis_matcher"))
+    with open(root / "lvis_val.pkl", "rb") as f:
+        val_anno = pickle.load(f)
+    source = build_source("lvis92i", root, "val", fold, "test")
+    assert source.layout == "matcher"
+    position = {k: i for i, k in enumerate(val_anno)}  # class id = place of the category in the pickle
+    want = [(position[c], q, s) for c, q, s in matcher_lvis(val_anno, fold, shots)]
+    episodes = EvaluationEpisodes(source, shots)
+    assert as_tuples(episodes.specs) == want
+    assert any(list(v) != sorted(v) for v in val_anno.values())  # sorted lists would draw other episodes
+    key, c = episodes.specs[0].query_key, episodes.specs[0].class_id
+    mask = source.load_mask(key, c)
+    x0 = 1 + 4 * ((list(val_anno)[c] - 100) // 3 % 4)
+    assert mask.shape == (16, 20) and mask[3:12, x0 + 1:x0 + 3].all() and mask.sum() == mask[:, x0:x0 + 4].sum()
+    assert source.load_image(key).size == (20, 16)
