@@ -1,7 +1,8 @@
 """Where each input's outputs go, and which of them are still to be made.
 
 For an input at relative path `a/b.jpg` under `--output OUT`:
-    mask        OUT/a/b.png             (8-bit grayscale, 255 = object, at the image's size)
+    mask        OUT/a/b.png             (8-bit grayscale, 255 = object, at the image's size; with several classes an
+                                         index PNG of class ids with the support's palette, named in OUT/classes.json)
     overlay     OUT/overlays/a/b.png    (with --overlay)
 For a video `a/clip.mp4`:
     mask frames OUT/a/clip/000000.png, 000001.png, ...

@@ -2,6 +2,10 @@
 
     diffews segment --model DIR_OR_REPO --support cat.jpg --support-mask cat.png --input photos/ --output masks/
 
+Several classes at once: a palette (or, with `--multiclass`, grayscale index) PNG as `--support-mask`, whose values
+are class ids (0 = background, 255 = ignored), gives per image an index PNG with the support's palette, and
+OUTPUT/classes.json maps each id to its name (`--classes road,car,person`) and colour.
+
 The supports are encoded once; the queries run in batches. With `accelerate launch -m pipeline_diffews segment ...`
 the batches are dealt out to the processes in turn, so every image is in the same batch as in a one-process run and
 the outputs are the same.
@@ -22,9 +26,10 @@ import torch
 
 from .inputs import InputError, VideoFrameReader, discover, iter_video_frames, read_image
 from .outputs import OutputConflictError, VideoJob, WorkItem, make_plan
-from .writers import mask_to_image, overlay, save_png, write_video
+from .writers import label_map_to_image, mask_to_image, overlay, overlay_classes, save_json, save_png, write_video
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CLASSES_FILE = "classes.json"
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -34,7 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--support", action="append", required=True, metavar="IMAGE",
                         help="an example image; repeat for several shots, each followed by its --support-mask")
     parser.add_argument("--support-mask", action="append", required=True, metavar="MASK",
-                        help="the mask of the object in the preceding --support (white/alpha/non-zero = object)")
+                        help="the mask of the object in the preceding --support (white/alpha/non-zero = object), or a "
+                             "label map: a palette PNG whose indices are class ids (0 = background, 255 = ignored)")
+    parser.add_argument("--multiclass", action="store_true",
+                        help="read every --support-mask as a label map of class ids, even a grayscale PNG or one "
+                             "class (palette PNGs with several classes are read so without it)")
+    parser.add_argument("--classes", type=_class_names, default=None, metavar="NAMES",
+                        help="names of the classes, for OUTPUT/classes.json: 'road,car,person' names ids 1, 2, 3; "
+                             "'2=car,7=person' names chosen ids. Implies --multiclass")
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
                         help="image(s), video(s), folder(s) (searched recursively) or quoted glob pattern(s)")
     parser.add_argument("--output", required=True, help="output folder; masks mirror the inputs' relative paths")
@@ -68,6 +80,23 @@ def _device_name(text: str) -> str:
     except (RuntimeError, ValueError) as error:
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from error
     return text
+
+
+def _class_names(text: str) -> dict[int, str]:
+    """`road,car` -> {1: "road", 2: "car"}; `2=car,7=person` -> {2: "car", 7: "person"}."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if any("=" in entry for entry in entries):
+        names = {}
+        for entry in entries:
+            key, _, name = entry.partition("=")
+            if not key.strip().isdigit() or not 1 <= int(key) <= 254:
+                raise argparse.ArgumentTypeError(f"{entry!r}: expected ID=NAME with an id in 1..254")
+            names[int(key)] = name.strip()
+    else:
+        names = dict(enumerate(entries, start=1))
+    if not all(names.values()) or len(names) > 254:
+        raise argparse.ArgumentTypeError(f"expected 1 to 254 non-empty names separated by commas, got {text!r}")
+    return names
 
 
 def _fraction(text: str) -> float:
@@ -128,19 +157,25 @@ def run(args: argparse.Namespace) -> int:
     if load_error is not None:
         return _usage_error(state, load_error)
     try:
-        support = pipe.encode_support(support_images, support_masks, processing_resolution=args.processing_resolution)
+        support = pipe.encode_support(support_images, support_masks, processing_resolution=args.processing_resolution,
+                                      multiclass=True if args.multiclass or args.classes else None,
+                                      batch_size=args.batch_size)
+        rendering = Rendering.of(support, pipe)
+        if rendering.palette is not None and state.is_main_process:
+            save_json(class_table(support, rendering.palette, args.classes), Path(args.output) / CLASSES_FILE)
     except (ValueError, TypeError) as error:
         return _usage_error(state, error)
     call = {"support": support, "processing_resolution": support.processing_resolution, "threshold": args.threshold,
             "threshold_mode": args.threshold_mode, "output_type": "np"}
-    say(f"Model {args.model} on {device} ({args.dtype}), {len(support_images)} shot(s), "
+    classes = f", {len(support.class_ids)} class(es)" if support.class_ids is not None else ""
+    say(f"Model {args.model} on {device} ({args.dtype}), {len(support_images)} shot(s){classes}, "
         f"{len(plan.items)} image(s) to segment, {len(pending)} pending, {state.num_processes} process(es).")
 
     # 3. Queries: batches dealt out to the processes in turn
     batches = [pending[i : i + args.batch_size] for i in range(0, len(pending), args.batch_size)]
     mine = batches[state.process_index :: state.num_processes]
     work_start = time.perf_counter()
-    _segment_batches(pipe, call, mine, counts, args.overlay,
+    _segment_batches(pipe, call, mine, counts, args.overlay, rendering,
                      show_progress=state.is_main_process and not args.no_progress)
     state.wait_for_everyone()
     work_seconds = time.perf_counter() - work_start
@@ -148,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     # 4. Videos: each process assembles its share once all frames are written
     totals = _gather(state, counts)
     for video in plan.videos[state.process_index :: state.num_processes]:
-        _finish_video(video, totals, args.resume, counts)
+        _finish_video(video, totals, args.resume, counts, rendering)
     totals = _gather(state, counts)
 
     say(_summary(totals, work_seconds, time.perf_counter() - start, state.num_processes))
@@ -214,8 +249,53 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, revision: str 
     return pipe
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """How results become files: binary masks (`palette` None) or label maps as index PNGs with `palette`."""
+
+    palette: list[int] | None = None
+
+    @classmethod
+    def of(cls, support, pipe) -> Rendering:
+        """Label maps for a multi-class support (its palette, else the pipeline's default one); else binary masks."""
+        if support.class_ids is None:
+            return cls()
+        return cls(support.palette or pipe.image_processor.default_palette())
+
+    def results(self, output) -> list[np.ndarray]:
+        """A pipeline output's per-query results: bool masks [H, W] or uint8 label maps [H, W]."""
+        return output.masks if self.palette is None else output.label_maps
+
+    def mask_image(self, result: np.ndarray) -> PIL.Image.Image:
+        return mask_to_image(result) if self.palette is None else label_map_to_image(result, self.palette)
+
+    def overlay_image(self, image: PIL.Image.Image, result: np.ndarray) -> PIL.Image.Image:
+        return overlay(image, result) if self.palette is None else overlay_classes(image, result, self.palette)
+
+    def read(self, path: Path) -> np.ndarray:
+        """A mask PNG written by this command -> its result (bool [H, W], or the class ids uint8 [H, W])."""
+        with PIL.Image.open(path) as mask:
+            return np.asarray(mask.convert("L")) >= 128 if self.palette is None else np.asarray(mask)
+
+
+def class_table(support, palette: list[int], names: dict[int, str] | None) -> dict:
+    """The contents of OUTPUT/classes.json: {"0": background, "id": {"name", "color": [r, g, b]}} for each class."""
+    given = dict(zip(support.class_ids, support.class_names or []))
+    if names is not None:
+        unnamed = [c for c in support.class_ids if c not in names]
+        if unnamed:
+            raise ValueError(
+                f"--classes names no class {unnamed[0]}: the support label maps hold classes {support.class_ids}."
+            )
+        given = names
+    table = {"0": {"name": "background", "color": palette[0:3]}}
+    for class_id in support.class_ids:
+        table[str(class_id)] = {"name": given.get(class_id), "color": palette[3 * class_id : 3 * class_id + 3]}
+    return table
+
+
 def _segment_batches(pipe, call: dict, batches: list[list[WorkItem]], counts: Counts, with_overlay: bool,
-                     show_progress: bool) -> None:
+                     rendering: Rendering, show_progress: bool) -> None:
     """Reads batch k + 1 on a thread while batch k runs, and writes the PNGs on two more threads."""
     from tqdm.auto import tqdm
 
@@ -231,8 +311,8 @@ def _segment_batches(pipe, call: dict, batches: list[list[WorkItem]], counts: Co
             counts.failures += failures
             if loaded:
                 output = pipe([image for _, image in loaded], batch_size=len(loaded), **call)
-                for (item, image), mask in zip(loaded, output.masks):
-                    writes.append((item, writer.submit(_write_outputs, item, image, mask, with_overlay)))
+                for (item, image), result in zip(loaded, rendering.results(output)):
+                    writes.append((item, writer.submit(_write_outputs, item, image, result, with_overlay, rendering)))
             progress.update(len(batches[index]))
             writes = _collect(writes, counts, keep=4 * len(batches[index]))
         _collect(writes, counts, keep=0)
@@ -255,10 +335,10 @@ def _collect(writes: list[tuple[WorkItem, Future]], counts: Counts, keep: int) -
     return writes
 
 
-def _write_outputs(item: WorkItem, image: PIL.Image.Image, mask, with_overlay: bool) -> None:
-    save_png(mask_to_image(mask), item.mask_path)
+def _write_outputs(item: WorkItem, image: PIL.Image.Image, result, with_overlay: bool, rendering: Rendering) -> None:
+    save_png(rendering.mask_image(result), item.mask_path)
     if with_overlay and item.overlay_path is not None:
-        save_png(overlay(image, mask), item.overlay_path)
+        save_png(rendering.overlay_image(image, result), item.overlay_path)
 
 
 class _BatchReader:
@@ -290,7 +370,7 @@ class _BatchReader:
         self.video = None
 
 
-def _finish_video(video: VideoJob, totals: Counts, resume: bool, counts: Counts) -> None:
+def _finish_video(video: VideoJob, totals: Counts, resume: bool, counts: Counts, rendering: Rendering) -> None:
     """Writes the mask video (and overlay video) from the frame masks when they are all there."""
     name = video.source.relative.as_posix()
     frames = video.frame_paths()
@@ -302,18 +382,13 @@ def _finish_video(video: VideoJob, totals: Counts, resume: bool, counts: Counts)
     if not changed and all(path.exists() for path in targets):
         return
     try:
-        write_video((mask_to_image(_mask_array(path)) for path in frames), video.mask_video, video.info.fps)
+        write_video((rendering.mask_image(rendering.read(path)) for path in frames), video.mask_video, video.info.fps)
         if video.overlay_video is not None:
             pairs = zip(iter_video_frames(video.source.path), frames)
-            write_video((overlay(image, _mask_array(path)) for image, path in pairs), video.overlay_video, video.info.fps)
+            overlays = (rendering.overlay_image(image, rendering.read(path)) for image, path in pairs)
+            write_video(overlays, video.overlay_video, video.info.fps)
     except Exception as error:  # noqa: BLE001 - a video that cannot be written is reported like a failed input
         counts.failures.append((name, f"cannot write its videos: {type(error).__name__}: {error}"))
-
-
-def _mask_array(path: Path) -> np.ndarray:
-    """A mask PNG written by this command -> bool [H, W]."""
-    with PIL.Image.open(path) as mask:
-        return np.asarray(mask.convert("L")) >= 128
 
 
 def _gather(state, counts: Counts) -> Counts:

@@ -6,6 +6,7 @@ so `--resume` can trust every output that exists.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -39,15 +40,36 @@ def mask_to_image(mask: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
 
 
+def label_map_to_image(label_map: np.ndarray, palette: list[int]) -> PIL.Image.Image:
+    """Class ids uint8 [H, W] -> palette ("P") image; palette: 768 ints, the RGB colour of ids 0..255."""
+    image = PIL.Image.fromarray(np.asarray(label_map, dtype=np.uint8))
+    image.putpalette(palette)
+    return image
+
+
 def overlay(image: PIL.Image.Image, mask: np.ndarray, color: tuple[int, int, int] = OVERLAY_COLOR,
             alpha: float = OVERLAY_ALPHA) -> PIL.Image.Image:
     """The image with the object tinted: pixels where mask [H, W] is True become (1 - alpha) * pixel + alpha * color."""
+    return _tint(image, np.asarray(mask, dtype=bool), np.asarray(color, dtype=np.float32), alpha)
+
+
+def overlay_classes(image: PIL.Image.Image, label_map: np.ndarray, palette: list[int],
+                    alpha: float = OVERLAY_ALPHA) -> PIL.Image.Image:
+    """The image with each class tinted by its colour: a pixel of class k > 0 (label_map [H, W]) becomes
+    (1 - alpha) * pixel + alpha * palette colour k; background (0) is left as it is."""
+    label_map = np.asarray(label_map)
+    colors = np.asarray(palette, dtype=np.float32).reshape(-1, 3)
+    mask = label_map > 0
+    return _tint(image, mask, colors[label_map[mask]], alpha)
+
+
+def _tint(image: PIL.Image.Image, mask: np.ndarray, colors: np.ndarray, alpha: float) -> PIL.Image.Image:
+    """colors: one RGB [3] for every masked pixel, or [M, 3] for the M pixels where mask [H, W] is True."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    mask = np.asarray(mask, dtype=bool)
     if mask.shape != pixels.shape[:2]:
         raise ValueError(f"mask is {mask.shape[::-1]} (WxH) but the image is {image.size}: they must match.")
     tinted = pixels.copy()
-    tinted[mask] = (1 - alpha) * pixels[mask] + alpha * np.asarray(color, dtype=np.float32)
+    tinted[mask] = (1 - alpha) * pixels[mask] + alpha * colors
     return PIL.Image.fromarray(np.round(tinted).astype(np.uint8), mode="RGB")
 
 
@@ -55,6 +77,12 @@ def save_png(image: PIL.Image.Image, path: str | Path) -> None:
     """Writes a PNG atomically."""
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
+
+
+def save_json(data, path: str | Path) -> None:
+    """Writes `data` as indented UTF-8 JSON, atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_video(frames: Iterable[PIL.Image.Image], path: str | Path, fps: Fraction | float) -> int:
