@@ -36,6 +36,7 @@ from train.data.episodes import PROTOCOLS, EpisodeSpec  # noqa: E402
 from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.metrics import FewShotSegmentationMetric  # noqa: E402
 from train.model_card import DATASET_TITLES, update_model_card  # noqa: E402
+from train.multiclass_eval import add_multiclass_arguments, evaluate_multiclass  # noqa: E402
 from train.source_options import add_source_option_argument  # noqa: E402
 
 DEFAULT_SPLITS = {"fss1000": "test"}  # every other source is scored on its "val" split
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--model-name", default=None, help="Model name of the model-index (default: the card's, else the folder's).")
     a("--cpu", action="store_true", help="Run on CPU (several processes: accelerate launch --multi_gpu).")
     add_source_option_argument(p)
+    add_multiclass_arguments(p)
     args = p.parse_args(argv)
     if args.data_root is None and args.dataset not in ROOTLESS_SOURCES:
         p.error(f"--data-root is required for --dataset {args.dataset}")
@@ -152,6 +154,9 @@ def format_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.multiclass:  # K-class label maps, one process: train/multiclass_eval.py
+        evaluate_multiclass(args)
+        return 0
     args.pretrained = resolve_model(args.pretrained)  # an official name: downloaded once (processes wait on a lock)
     accelerator = Accelerator(cpu=args.cpu)
     with accelerator.main_process_first():
