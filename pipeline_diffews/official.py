@@ -34,14 +34,19 @@ from .pipeline_diffews import DEFAULT_BASE_MODEL, DiffewSPipeline
 HOME_ENV = "DIFFEWS_HOME"
 MODELSCOPE_REPO = "zzzmmz/Diffews"
 SOURCE_FILE = "diffews_source.json"  # provenance of a converted official checkpoint, beside model_index.json
-# What the converter reads from the base model: configs, VAE, text encoder (for the empty-prompt embedding), tokenizer.
+# What the converter reads from the base model (fp32 safetensors, as the authors' inference): configs, VAE (~335 MB),
+# text encoder (~1.36 GB, for the empty-prompt embedding) and tokenizer; never the stock UNet. The README's Spaces
+# `preload_from_hub` lists the same files.
 BASE_FILES = (
     "model_index.json",
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
-    "tokenizer/*",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
 )
 PAPER_TITLE = "Zhu et al., NeurIPS 2024"
 PAPER_URL = "https://arxiv.org/abs/2410.02369"

@@ -17,10 +17,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import yaml
 from gradio_client import Client, handle_file
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+import app
 import pipeline_diffews
 from pipeline_diffews import DiffewSPipeline, official
 from pipeline_diffews.cli import main
@@ -254,3 +256,15 @@ def test_app_without_arguments_serves_the_incontext_model(offline_home, tmp_path
                               support_masks=[mask], threshold_mode="absolute", threshold=0.5).probabilities[0]
     assert np.abs(served - expected["incontext"]).max() <= 1 / 255 + 1e-6
     assert np.abs(served - expected["coco-fold0"]).max() > 2 / 255
+
+
+def test_space_front_matter_preloads_what_the_download_fetches():
+    """A Space made from the README: the default model's Hub files preloaded, the ModelScope client installed."""
+    meta = yaml.safe_load((ROOT / "README.md").read_text().split("---")[1])
+    assert meta["models"] == [official.DEFAULT_BASE_MODEL]  # a repository that exists, the one the demo needs
+    [preload] = meta["preload_from_hub"]
+    repo, files = preload.split(" ")
+    assert repo == official.DEFAULT_BASE_MODEL and files.split(",") == list(official.BASE_FILES)
+    requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert any(r.startswith("modelscope>=") for r in requirements)
+    assert app.DEFAULT_MODEL_ID in official.OFFICIAL_MODELS
