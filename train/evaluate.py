@@ -154,10 +154,10 @@ def format_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.pretrained = resolve_model(args.pretrained)  # an official name: downloaded once (processes wait on a lock)
     if args.multiclass:  # K-class label maps, one process: train/multiclass_eval.py
         evaluate_multiclass(args)
         return 0
-    args.pretrained = resolve_model(args.pretrained)  # an official name: downloaded once (processes wait on a lock)
     accelerator = Accelerator(cpu=args.cpu)
     with accelerator.main_process_first():
         source = build_source(args.dataset, args.data_root, args.split, args.fold, "test", **dict(args.source_option))
