@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
-import httpx
 import numpy as np
 import PIL.Image
 import pytest
@@ -28,6 +24,7 @@ from pipeline_diffews import DiffewSPipeline, official
 from pipeline_diffews.cli import main
 from tests.official_fixtures import UNET_FOLDERS, Clients, official_home, offline_home, release_trees  # noqa: F401
 from tests.fixtures_data import CAMVID
+from tests.test_app import free_port
 from tests.test_parity import AuthorsReference, authors_mask
 from tests.tiny_models import RESOLUTION, random_box_mask, random_image
 from tests.training_runs import index_cache, run_evaluate, single_thread  # noqa: F401  (autouse fixtures)
@@ -207,44 +204,29 @@ def test_evaluate_takes_a_name_and_updates_its_card(offline_home, tmp_path):
     assert ModelCard.load(offline_home / "coco-fold0" / "README.md").data.eval_results
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_app_without_arguments_serves_the_incontext_model(offline_home, tmp_path, monkeypatch):
+    """`app.main([])`, as `python app.py` runs it, with no DIFFEWS_MODEL: the cached `incontext` model is served."""
+    monkeypatch.delenv(app.MODEL_ENV, raising=False)
+    port, launched, launch = free_port(), [], app.launch
 
+    def launch_in_background(demo, **kwargs):
+        launched.append(demo)
+        return launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
 
-def test_app_without_arguments_serves_the_incontext_model(offline_home, tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "DIFFEWS_MODEL"}
-    env.update(DIFFEWS_HOME=str(offline_home), HF_HUB_OFFLINE="1", GRADIO_SERVER_NAME="127.0.0.1",
-               GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False", PYTHONWARNINGS="ignore")
-    log = open(tmp_path / "app.log", "w")
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+    monkeypatch.setattr(app, "launch", launch_in_background)
+    app.main([])
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the demo did not start"
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         rng = np.random.default_rng(5)
         random_image(rng, 60, 80).save(tmp_path / "support.png")
         mask = random_box_mask(rng, 60, 80)
         PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
         random_image(rng, 50, 70).save(tmp_path / "query.png")
-        masks, probabilities, status = Client(url, verbose=False).predict(
+        masks, probabilities, status = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
             support_images=[handle_file(tmp_path / "support.png")], support_masks=[handle_file(tmp_path / "mask.png")],
             queries=[handle_file(tmp_path / "query.png")], threshold_mode="absolute", threshold=0.5,
             api_name="/segment")
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        launched[0].close()
     assert "Segmented 1 image" in status
     # What the server computed is what the cached `incontext` pipeline computes (and not what coco-fold0 does)
     served = np.asarray(PIL.Image.open(probabilities[0]), np.float32) / 255
@@ -252,8 +234,9 @@ def test_app_without_arguments_serves_the_incontext_model(offline_home, tmp_path
     for name in ("incontext", "coco-fold0"):
         pipe = DiffewSPipeline.from_pretrained(offline_home / name)
         pipe.set_progress_bar_config(disable=True)
-        expected[name] = pipe(PIL.Image.open(tmp_path / "query.png"), support_images=[PIL.Image.open(tmp_path / "support.png")],
-                              support_masks=[mask], threshold_mode="absolute", threshold=0.5).probabilities[0]
+        expected[name] = pipe(PIL.Image.open(tmp_path / "query.png"), threshold_mode="absolute", threshold=0.5,
+                              support_images=[PIL.Image.open(tmp_path / "support.png")],
+                              support_masks=[mask]).probabilities[0]
     assert np.abs(served - expected["incontext"]).max() <= 1 / 255 + 1e-6
     assert np.abs(served - expected["coco-fold0"]).max() > 2 / 255
 
