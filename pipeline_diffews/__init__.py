@@ -4,7 +4,6 @@
 # transformers); exporting ModelMixin lets `DiffewSPipeline.from_pretrained` load the UNet from this package.
 from diffusers import ModelMixin  # noqa: F401
 
-from .official import load_pipeline, resolve_model
 from .pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSPipelineOutput, DiffewSSupport
 from .unet_diffews import DiffewSAttnProcessor, DiffewSUNet2DConditionModel, SupportKeyValues
 
@@ -19,3 +18,13 @@ __all__ = [
     "load_pipeline",
     "resolve_model",
 ]
+
+
+def __getattr__(name: str):
+    """`load_pipeline` and `resolve_model` (the official names) come from `official`, imported on first use so that
+    `python -m pipeline_diffews.<module>` does not import its module twice."""
+    if name in ("load_pipeline", "resolve_model"):
+        from . import official
+
+        return getattr(official, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
