@@ -124,6 +124,22 @@ def _read_queries(paths, what: str = "Image to segment"):
     return images, [Path(p).name for p in paths]
 
 
+def _read_support_files(support_images, support_masks, read) -> tuple[list, list[np.ndarray]]:
+    """The endpoints' support files -> (RGB images, masks), each mask read by `read(path, image size, what)`."""
+    support_images = support_images or []
+    support_masks = support_masks or []
+    if len(support_images) != len(support_masks):
+        raise InputError(
+            f"Got {len(support_images)} support images but {len(support_masks)} masks: pass one mask per image."
+        )
+    images = [
+        demo_utils.to_rgb(demo_utils.open_image(path, f"Support image {i}"))
+        for i, path in enumerate(support_images, 1)
+    ]
+    masks = [read(path, image.size, f"Support mask {i}") for i, (path, image) in enumerate(zip(support_masks, images), 1)]
+    return images, masks
+
+
 @_user_errors
 def segment_page(*args):
     """The page's Segment button: editors and mask files (MAX_SHOTS each), query gallery, threshold mode, threshold,
@@ -180,20 +196,7 @@ def segment(support_images, support_masks, queries, threshold_mode, threshold):
     Returns:
         mask PNG files (L, 0/255, each at its query's size), probability PNG files (L, 0..255), a status line.
     """
-    support_images = support_images or []
-    support_masks = support_masks or []
-    if len(support_images) != len(support_masks):
-        raise InputError(
-            f"Got {len(support_images)} support images but {len(support_masks)} masks: pass one mask per image."
-        )
-    images = [
-        demo_utils.to_rgb(demo_utils.open_image(path, f"Support image {i}"))
-        for i, path in enumerate(support_images, 1)
-    ]
-    masks = [
-        demo_utils.read_mask(path, image.size, f"Support mask {i}")
-        for i, (path, image) in enumerate(zip(support_masks, images), 1)
-    ]
+    images, masks = _read_support_files(support_images, support_masks, demo_utils.read_mask)
     queries, names = _read_queries(queries, "Query")
     _, (mask_files, probability_files), status, _ = _segment(images, masks, queries, names, threshold_mode, threshold)
     return mask_files, probability_files, status
@@ -218,21 +221,8 @@ def segment_classes(support_images, support_masks, queries, class_names, thresho
         palette mask, else the legend's colours), class probability PNG files (L, 0..255; per query, one per class
         in the legend's order), the legend (a list of {"id", "name", "color"}), a status line.
     """
-    support_images = support_images or []
-    support_masks = support_masks or []
-    if len(support_images) != len(support_masks):
-        raise InputError(
-            f"Got {len(support_images)} support images but {len(support_masks)} masks: pass one mask per image."
-        )
-    images = [
-        demo_utils.to_rgb(demo_utils.open_image(path, f"Support image {i}"))
-        for i, path in enumerate(support_images, 1)
-    ]
-    labels = [
-        demo_utils.read_label_map(path, image.size, f"Support mask {i}")
-        for i, (path, image) in enumerate(zip(support_masks, images), 1)
-    ]
-    palette = next((p for p in map(demo_utils.file_palette, support_masks) if p is not None), None)
+    images, labels = _read_support_files(support_images, support_masks, demo_utils.read_label_map)
+    palette = next((p for p in map(demo_utils.file_palette, support_masks or []) if p is not None), None)
     queries, names = _read_queries(queries, "Query")
     _, (label_files, probability_files), status, entries = _segment(
         images, labels, queries, names, threshold_mode, threshold, classes=(class_names, palette)
