@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "model", None) is not None:  # an official name becomes its cached folder
         try:
             args.model = official.resolve_model(args.model)
-        except (ImportError, ValueError, OSError) as error:
-            print(f"error: --model {args.model}: {error}", file=sys.stderr)
+        except Exception as error:  # noqa: BLE001 - a missing client, no network, an unexpected checkpoint...
+            print(f"error: --model {args.model}: cannot get it ({type(error).__name__}: {error})", file=sys.stderr)
             return 2
     return module.run(args)
 

@@ -159,7 +159,11 @@ def test_without_modelscope_the_command_says_what_to_install(home, monkeypatch, 
     assert any(r.startswith("modelscope") for r in project["optional-dependencies"]["download"])
 
 
-def test_names_and_bad_arguments():
+def test_names_and_bad_arguments(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="taken exists and is not a DiffewS pipeline folder"):
+        official.download("incontext", output=tmp_path / "taken")
     with pytest.raises(ValueError, match="name must be one of incontext, coco-fold0, coco-fold1, coco-fold2, coco-fold3"):
         official.download("coco-fold4")
     with pytest.raises(TypeError, match="name_or_path must be a str or a path"):
