@@ -107,3 +107,11 @@ def test_multiclass_run_writes_json(saved_pipeline, camvid, tmp_path, capsys):
     assert cost["speedup"] == pytest.approx(cost["single_class_calls"] / cost["one_multiclass_call"])
     table = capsys.readouterr().out
     assert "K-class call" in table and "K one-class" in table and "s / query" in table
+
+
+def test_multiclass_refuses_options_it_does_not_honour(saved_pipeline, camvid, tmp_path):
+    with pytest.raises(ValueError, match="does not support --save-episodes"):
+        evaluate.main([
+            "--multiclass", "--pretrained", str(saved_pipeline), "--dataset", "camvid", "--data-root", str(camvid),
+            "--shots", "1", "--save-episodes", str(tmp_path / "episodes.json"),
+        ])

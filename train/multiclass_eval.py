@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,13 @@ def evaluate_multiclass(args: argparse.Namespace) -> dict:
     table, writes `args.output` (JSON) when given. Returns the results."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    unsupported = [flag for flag, name in (("--update-model-card", "update_model_card"),
+                                           ("--save-episodes", "save_episodes")) if getattr(args, name, None)]
+    if unsupported:
+        raise ValueError(f"--multiclass does not support {' and '.join(unsupported)}: its results are in --output.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--multiclass runs in one process (its timings compare calls side by side): "
+                         "run `python train/evaluate.py --multiclass ...`, not `accelerate launch`.")
     source = build_source(args.dataset, args.data_root, args.split, args.fold, "test", **dict(args.source_option))
     episodes = draw_episodes(source, args.shots, args.episodes, args.seed)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
