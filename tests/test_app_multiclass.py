@@ -152,10 +152,11 @@ def test_segment_classes_reports_user_errors(url, files, tmp_path, case, message
 def test_page_paints_two_classes_in_two_brush_colours(url, files):
     first, second = demo_utils.CLASS_COLORS[:2]
     editor = painted_editor(files["support"], {first: (slice(10, 30), slice(10, 40)), second: (slice(45, 70), slice(50, 90))})
+    second_only = painted_editor(files["query_b"], {second: (slice(5, 20), slice(30, 60))})  # no class 1 here
     overlays, heatmaps, label_paths, status = app.segment_page(
-        *page_inputs([editor], [], [files["query_a"], files["query_b"]], "relative", 0.25), "road, car"
+        *page_inputs([editor, second_only], [], [files["query_a"], files["query_b"]], "relative", 0.25), "road, car"
     )
-    assert "**road** (id 1" in status and "**car** (id 2" in status
+    assert "Examples: 2" in status and "**road** (id 1" in status and "**car** (id 2" in status
     assert f'<span style="color:{first}">' in status and f'<span style="color:{second}">' in status
     for (overlay, caption), path, size in zip(overlays, label_paths, [(120, 90), (70, 50)]):
         labels = PIL.Image.open(path)
