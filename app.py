@@ -238,10 +238,13 @@ def check_mask_file(editor_value, path, number: int):
     if not editor_value or editor_value.get("background") is None:
         raise InputError(f"Upload example image {number} first, then its mask.")
     height, width = np.asarray(editor_value["background"]).shape[:2]
-    mask = demo_utils.read_mask(path, (width, height), f"The mask file of example {number}")
-    if not mask.any():
+    labels = demo_utils.read_label_map(path, (width, height), f"The mask file of example {number}")
+    ids = demo_utils.class_ids(labels)
+    if not ids:
         raise InputError(f"The mask file of example {number} is empty: the object must be white (or painted).")
-    gr.Info(f"Example {number}: mask loaded ({100 * mask.mean():.1f}% of the image); it replaces painted strokes.")
+    area = 100 * ((labels > 0) & (labels < demo_utils.IGNORE)).mean()
+    classes = f", {len(ids)} classes: ids {', '.join(map(str, ids))}" if len(ids) > 1 else ""
+    gr.Info(f"Example {number}: mask loaded ({area:.1f}% of the image{classes}); it replaces painted strokes.")
 
 
 def _examples(threshold_mode: str, threshold: float) -> list[list]:

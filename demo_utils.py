@@ -160,11 +160,12 @@ def label_map_from_layers(layers: list[np.ndarray], shape: tuple[int, int], colo
     labels = np.zeros(shape, np.uint8)
     if not painted.any():
         return labels
-    distance = ((rgb[painted][:, None, :] - palette[None]) ** 2).sum(-1)  # [P, C]
-    nearest = distance.argmin(1)
+    colors_used, pixel_color = np.unique(rgb[painted], axis=0, return_inverse=True)  # [U, 3], [P]
+    distance = ((colors_used[:, None, :] - palette[None]) ** 2).sum(-1)  # [U, C]
+    nearest = distance.argmin(1)[pixel_color.reshape(-1)]  # [P]
     present = np.unique(nearest[strong[painted]]) if strong.any() else np.unique(nearest)
-    choice = present[distance[:, present].argmin(1)]
-    labels[painted] = (choice + 1).astype(np.uint8)
+    choice = present[distance[:, present].argmin(1)]  # [U]
+    labels[painted] = (choice[pixel_color.reshape(-1)] + 1).astype(np.uint8)
     return labels
 
 

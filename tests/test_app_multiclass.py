@@ -255,3 +255,12 @@ def test_support_key_tells_label_maps_from_masks():
     key = demo_utils.support_key([image], [labels], 64)
     assert key != demo_utils.support_key([image], [other], 64)
     assert key != demo_utils.support_key([image], [labels > 0], 64)
+
+
+def test_an_index_mask_upload_is_checked_as_classes(url, files, tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr(app.gr, "Info", shown.append)
+    labels = two_classes(80, 96, first=1, second=4)
+    PIL.Image.fromarray(labels, "L").save(tmp_path / "ids.png")  # a grey PNG of class ids
+    app.check_mask_file(painted_editor(files["support"], {}), str(tmp_path / "ids.png"), number=1)
+    assert shown and "2 classes: ids 1, 4" in shown[0]
