@@ -178,7 +178,8 @@ class DiffewSImageProcessor:
     Images: PIL (any mode; EXIF orientation applied), np.ndarray [H, W], [H, W, 3] or [H, W, 4] (uint8 in [0, 255] or
     float in [0, 1]), torch.Tensor [3, H, W] or [H, W] (same ranges). Masks: bool / {0, 1} / {0, 255} arrays or
     tensors [H, W], PIL "1", "L", "P" (index 0 and 255 are background), "RGB" (white is foreground) or RGBA/LA
-    (alpha is the mask).
+    (alpha is the mask). Label maps (several classes): PIL "P" or integer arrays / tensors [H, W] of class ids, 0 =
+    background, 1..254 = classes, 255 = ignored (`is_label_map`, `to_label_map`).
     """
 
     @staticmethod
