@@ -264,6 +264,23 @@ def _examples(threshold_mode: str, threshold: float) -> list[list]:
     return rows
 
 
+def _file_endpoint(fn, api_name: str, defaults: dict, extra_inputs: list[tuple], outputs: list[tuple]) -> None:
+    """A hidden API endpoint that takes files: (support_images, support_masks, queries, *extra_inputs, threshold_mode,
+    threshold) -> outputs. `outputs` are (kind, name) pairs, kind "files", "text" or "json"; `extra_inputs` are
+    (kind, name, default value) triples."""
+    kinds = {"files": functools.partial(gr.File, file_count="multiple"), "text": gr.Textbox, "json": gr.JSON}
+    with gr.Column(visible=False):
+        inputs = [kinds["files"](label=name) for name in ("support_images", "support_masks", "queries")]
+        inputs += [kinds[kind](label=name, value=value) for kind, name, value in extra_inputs]
+        inputs += [
+            gr.Radio(THRESHOLD_MODES, value=defaults["mode"], label="threshold_mode"),
+            gr.Number(value=defaults["threshold"], label="threshold", minimum=0, maximum=1),
+        ]
+        components = [kinds[kind](label=name) for kind, name in outputs]
+        button = gr.Button()
+    button.click(fn, inputs, components, api_name=api_name, concurrency_limit=1, concurrency_id="gpu")
+
+
 def build_demo(pipe) -> gr.Blocks:
     """The page and its endpoints, around a loaded pipeline."""
     global _PIPE
@@ -352,44 +369,10 @@ def build_demo(pipe) -> gr.Blocks:
             concurrency_id="gpu",
         )
 
-        with gr.Column(visible=False):  # the inputs and outputs of /segment, which takes files
-            api_inputs = [
-                gr.File(file_count="multiple", label="support_images"),
-                gr.File(file_count="multiple", label="support_masks"),
-                gr.File(file_count="multiple", label="queries"),
-                gr.Radio(THRESHOLD_MODES, value=defaults["mode"], label="threshold_mode"),
-                gr.Number(value=defaults["threshold"], label="threshold", minimum=0, maximum=1),
-            ]
-            api_outputs = [
-                gr.File(file_count="multiple", label="masks"),
-                gr.File(file_count="multiple", label="probabilities"),
-                gr.Textbox(label="status"),
-            ]
-            api_button = gr.Button()
-        api_button.click(
-            segment, api_inputs, api_outputs, api_name="segment", concurrency_limit=1, concurrency_id="gpu"
-        )
-
-        with gr.Column(visible=False):  # the inputs and outputs of /segment_classes (label maps in, label maps out)
-            classes_inputs = [
-                gr.File(file_count="multiple", label="support_images"),
-                gr.File(file_count="multiple", label="support_masks"),
-                gr.File(file_count="multiple", label="queries"),
-                gr.Textbox(value="", label="class_names"),
-                gr.Radio(THRESHOLD_MODES, value=defaults["mode"], label="threshold_mode"),
-                gr.Number(value=defaults["threshold"], label="threshold", minimum=0, maximum=1),
-            ]
-            classes_outputs = [
-                gr.File(file_count="multiple", label="label_maps"),
-                gr.File(file_count="multiple", label="class_probabilities"),
-                gr.JSON(label="legend"),
-                gr.Textbox(label="status"),
-            ]
-            classes_button = gr.Button()
-        classes_button.click(
-            segment_classes, classes_inputs, classes_outputs, api_name="segment_classes",
-            concurrency_limit=1, concurrency_id="gpu",
-        )
+        _file_endpoint(segment, "segment", defaults, [],
+                       [("files", "masks"), ("files", "probabilities"), ("text", "status")])
+        _file_endpoint(segment_classes, "segment_classes", defaults, [("text", "class_names", "")],
+                       [("files", "label_maps"), ("files", "class_probabilities"), ("json", "legend"), ("text", "status")])
 
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
