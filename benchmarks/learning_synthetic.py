@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import shlex
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.learning_camvid import (  # noqa: E402
@@ -70,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--steps", type=int, default=2000, help="Training steps per model (DiffewS and its support-free twin).")
     a("--vae-steps", type=int, default=500, help="Training steps of the tiny VAE (batches of 16).")
     a("--vae-scenes", type=int, default=1500, help="Generated training scenes the VAE learns from.")
+    a("--vae-from", default=None,
+      help="Use the VAE of this pipeline folder (e.g. <output-dir>/init of an earlier run with the same --seed, "
+           "--vae-steps and --vae-scenes, which trained the same weights) instead of training it again.")
     a("--batch-size", type=int, default=8, help="Episodes per training step.")
     a("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (from scratch).")
     a("--lr-end", type=float, default=1e-5, help="Learning rate at the last step (linear decay).")
@@ -141,6 +145,13 @@ def timed_training(argv: list[str], blank: bool, threads: int) -> dict:
     with Stopwatch() as watch:
         run_train_script(argv, blank=blank)
     return watch.as_dict()
+
+
+def run_now(fn, *args) -> Future:
+    """`fn(*args)` in this process, as a finished `Future` (the `--jobs 1` stand-in for a process pool)."""
+    future = Future()
+    future.set_result(fn(*args))
+    return future
 
 
 # ---------------------------------------------------------------------- scoring
@@ -302,8 +313,13 @@ def main(argv=None) -> int:
     info, timings = machine(), {}
 
     with Stopwatch() as watch:
-        pixels = synthetic_pixels(args.vae_scenes, args.resolution, args.seed)
-        vae, vae_report = train_tiny_vae(pixels, steps=args.vae_steps, batch_size=16, seed=args.seed)
+        if args.vae_from:
+            vae = AutoencoderKL.from_pretrained(Path(args.vae_from) / "vae").eval().requires_grad_(False)
+            vae_report = {"loaded_from": args.vae_from, "steps": args.vae_steps, "scaling_factor":
+                          vae.config.scaling_factor, "parameters": sum(p.numel() for p in vae.parameters())}
+        else:
+            pixels = synthetic_pixels(args.vae_scenes, args.resolution, args.seed)
+            vae, vae_report = train_tiny_vae(pixels, steps=args.vae_steps, batch_size=16, seed=args.seed)
         vae_report["val_roundtrip"] = reconstruction_quality(
             vae, synthetic_pixels(max(1, args.vae_scenes // 5), args.resolution, args.seed, "val", "test"))
         vae_report["val_roundtrip"].pop("mask_iou_per_class")
@@ -314,15 +330,17 @@ def main(argv=None) -> int:
     pipe = build_pipeline(vae, args.resolution, args.seed)
     pipe.save_pretrained(init_dir)
     # Each training runs in its own process (CPU times are those of that process); `--jobs` of them at a time.
-    pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
-    runs = {row: pool.submit(timed_training, train_argv(args, init_dir, output_dir / row, args.steps), blank,
+    pool = (ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
+            if args.jobs > 1 else None)
+    submit = pool.submit if pool else run_now
+    runs = {row: submit(timed_training, train_argv(args, init_dir, output_dir / row, args.steps), blank,
                              args.threads) for row, blank in (("diffews", False), ("query_only", True))}
     for row, run in runs.items():
         timings[f"training: {ROW_TITLES[row]}"] = run.result()
         print(f"trained {row}: {timings[f'training: {ROW_TITLES[row]}']}", flush=True)
     if args.camvid_root:  # fine-tuned in the background while the generated episodes are scored
         argv = train_argv(args, output_dir / "diffews", output_dir / "camvid_finetuned", args.camvid_steps, "camvid")
-        camvid_run = pool.submit(timed_training, argv, False, args.threads)
+        camvid_run = submit(timed_training, argv, False, args.threads)
 
     pipelines = {}
     for row in ("diffews", "query_only"):
@@ -342,7 +360,8 @@ def main(argv=None) -> int:
         with Stopwatch() as watch:
             results["camvid"] = {"finetuned": evaluate_camvid(args, finetuned), "from_scratch": camvid_record()}
         timings["CamVid evaluation"] = watch.as_dict()
-    pool.shutdown()
+    if pool:
+        pool.shutdown()
 
     results.update({
         "config": {**{k: v for k, v in vars(args).items() if k != "export_pipeline"},
@@ -353,12 +372,12 @@ def main(argv=None) -> int:
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "command": command,
     })
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (output_dir / "results.md").write_text(markdown(results))
-    print(markdown(results))
     if args.export_pipeline:
         pipelines["diffews"].save_pretrained(args.export_pipeline, safe_serialization=True)
-        print(f"Saved the trained pipeline to {args.export_pipeline}")
+    report = markdown(results)
+    for name, text in (("results.json", json.dumps(results, indent=2, default=str) + "\n"), ("results.md", report)):
+        (output_dir / name).write_text(text)
+    print(report)
     return 0
 
 
