@@ -44,7 +44,7 @@ def test_held_out_kinds_never_appear_in_training_scenes():
     test = build_source("synthetic", None, "val", None, "test")
     assert train.class_ids == sorted(TRAIN_IDS) and test.class_ids == sorted(HELD_OUT_IDS)
     # Every pixel of every training scene (targets and distractors) is background or a training kind.
-    for key in scene_keys(train, 60):
+    for key in scene_keys(train, 30):
         seen = set(np.unique(train.scene(key).labels).tolist()) - {-1}
         assert seen <= set(TRAIN_IDS), key
     episodes = TrainingEpisodes(train, max_shots=1, batch_size=4, seed=1, num_steps=10)
@@ -57,7 +57,7 @@ def test_held_out_kinds_never_appear_in_training_scenes():
 
 def test_episodes_hold_distractors_and_supports_share_only_the_kind():
     source = build_source("synthetic", None, "val", None, "test")
-    episodes = EvaluationEpisodes(source, shots=2, num_episodes=20, seed=0)
+    episodes = EvaluationEpisodes(source, shots=2, num_episodes=12, seed=0)
     for i in range(len(episodes)):
         episode = episodes[i]
         assert episode.query_mask.any() and all(m.any() for m in episode.support_masks)
