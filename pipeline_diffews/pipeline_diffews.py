@@ -973,7 +973,8 @@ class DiffewSPipeline(DiffusionPipeline):
         maps = [[None] * len(caches) for _ in queries]  # maps[i][c]: (probability, mask) at query i's output size
         for chunk in self.progress_bar(chunks):
             if query_latents is None:
-                query_latents = self._encode_pixels([self.image_processor.image_to_tensor(queries[i], resolution) for i in chunk])
+                pixels = [self.image_processor.image_to_tensor(queries[i], resolution) for i in chunk]
+                query_latents = self._encode_pixels(pixels)
             pairs = [(i, c) for i in chunk for c in range(len(caches))]
             for batch in self._batches(len(pairs), batch_size, [caches[c] for _, c in pairs], None):
                 key_values = type(caches[0]).cat([caches[pairs[p][1]] for p in batch])
@@ -992,12 +993,11 @@ class DiffewSPipeline(DiffusionPipeline):
             best = torch.where(above, probability, -1.0).argmax(dim=0)  # the likeliest class among those above
             label_map = torch.where(above.any(dim=0), ids[best], 0)  # int64 [H, W]
             mask, prob = self.image_processor.export(label_map > 0, probability.amax(dim=0), output_type)
-            if output_type == "pil":
+            if output_type == "pil":  # class probabilities stay float32 arrays
                 label_map = self.image_processor.label_map_to_image(label_map.numpy(), classes.palette)
+                probability = probability.numpy()
             elif output_type == "np":
                 label_map, probability = label_map.numpy().astype(np.uint8), probability.numpy()
-            if output_type == "pil":
-                probability = probability.numpy()
             for key, value in zip(outputs, (mask, prob, label_map, probability)):
                 outputs[key].append(value)
         self.maybe_free_model_hooks()
