@@ -548,6 +548,8 @@ class DiffewSPipeline(DiffusionPipeline):
             raise ValueError(f"`threshold` must be a number in [0, 1], got {threshold!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if multiclass not in (None, True, False):
+            raise ValueError(f"`multiclass` must be None (auto), True or False, got {multiclass!r}.")
         self._check_resolution(processing_resolution)
 
         queries = [self.image_processor.to_pil_image(q, f"image[{i}]") for i, q in enumerate(_as_list(image, "image"))]
@@ -587,8 +589,6 @@ class DiffewSPipeline(DiffusionPipeline):
             )
         if per_query and len(mask_sets) != len(image_sets):
             raise ValueError(f"`support_masks` holds {len(mask_sets)} sets, `support_images` {len(image_sets)}.")
-        if multiclass not in (None, True, False):
-            raise ValueError(f"`multiclass` must be None (auto), True or False, got {multiclass!r}.")
         return queries, [self._check_support_set(imgs, msks, multiclass) for imgs, msks in zip(image_sets, mask_sets)]
 
     def _check_resolution(self, processing_resolution: int) -> None:

@@ -180,3 +180,5 @@ def test_multiclass_needs_one_shared_support_set(pipe):
     binary = pipe.encode_support(IMAGES[:1], [LABELS[0] == 1])
     with pytest.raises(ValueError, match="`multiclass=True` but `support` holds one class"):
         pipe(QUERIES[0], support=binary, multiclass=True)
+    with pytest.raises(ValueError, match="`multiclass` must be None"):
+        pipe(QUERIES[0], support=binary, multiclass="auto")
