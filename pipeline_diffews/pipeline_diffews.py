@@ -228,9 +228,11 @@ class DiffewSImageProcessor:
     def is_label_map(mask: Any) -> bool:
         """Whether a support mask is read as a label map when `multiclass` is None (auto).
 
-        True for a dict `{name: binary mask}`, and for a palette ("P") image or an integer array / tensor [H, W] whose
-        values other than 0 and 255 hold more than one id, or one id other than 1. Bool, {0, 1}, {0, 255} and float
-        masks, and every other image mode, are binary masks.
+        True for a dict `{name: binary mask}`, for a palette ("P") image whose indices other than 0 and 255 hold more
+        than one id, or one id other than 1, and for an integer array / tensor [H, W] of that kind whose ids are all
+        below 128. An integer array with values in 128..254 is a soft or anti-aliased 0-255 mask (thresholded at 128,
+        as before); label maps with ids from 128 on need `multiclass=True`. Bool, {0, 1}, {0, 255} and float masks,
+        and every other image mode, are binary masks.
         """
         if isinstance(mask, dict):
             return True
@@ -249,6 +251,8 @@ class DiffewSImageProcessor:
         else:
             return False
         ids = values[(values != 0) & (values != IGNORE_INDEX)]
+        if not isinstance(mask, PIL.Image.Image) and len(ids) and ids.max() >= 128:
+            return False  # brightness of a 0-255 mask, not class ids
         return len(ids) > 1 or (len(ids) == 1 and ids[0] != 1)
 
     @staticmethod
@@ -853,8 +857,8 @@ class DiffewSPipeline(DiffusionPipeline):
                 uint8 output, before the level and the comparison) or "full" (the float32 map). Default: config
                 ("8bit"). `probabilities` keep full precision either way.
             batch_size: queries per UNet call (with several classes: (query, class) episodes per UNet call).
-            multiclass: None (auto: dicts, and palette images or integer arrays holding several ids or an id other
-                than 1, are label maps), True (read every mask as a label map) or False (binary masks, as ever).
+            multiclass: None (auto: dicts, and palette images or integer arrays (ids below 128) holding several ids
+                or an id other than 1, are label maps), True (read every mask as a label map) or False (binary masks, as ever).
             output_type: "np", "pt" or "pil".
 
         Returns:

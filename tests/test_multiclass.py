@@ -100,8 +100,8 @@ def test_dict_supports_name_the_classes(pipe, reference):
 def test_sparse_ids_and_tensor_label_maps(pipe, reference):
     relabelled = [torch.from_numpy(np.select([labels == 1, labels == 2, labels == 3], [7, 200, 3], labels.astype(np.int64))).long()
                   for labels in LABELS]
-    out = pipe(QUERIES[0], support_images=IMAGES, support_masks=relabelled, output_type="pt")
-    assert out.class_ids == [3, 7, 200]
+    out = pipe(QUERIES[0], support_images=IMAGES, support_masks=relabelled, output_type="pt", multiclass=True)
+    assert out.class_ids == [3, 7, 200]  # ids from 128 on are read as class ids when asked (auto reads brightness)
     assert out.label_maps[0].dtype == torch.int64 and out.class_probabilities[0].shape == (3, 40, 56)
     assert set(out.label_maps[0].unique().tolist()) <= {0, 3, 7, 200}
     np.testing.assert_allclose(out.class_probabilities[0].numpy(), reference.class_probabilities[0][[2, 0, 1]], atol=1e-5)
@@ -182,3 +182,15 @@ def test_multiclass_needs_one_shared_support_set(pipe):
         pipe(QUERIES[0], support=binary, multiclass=True)
     with pytest.raises(ValueError, match="`multiclass` must be None"):
         pipe(QUERIES[0], support=binary, multiclass="auto")
+
+
+def test_soft_0_255_mask_stays_a_binary_mask(pipe):
+    """An anti-aliased uint8 mask (values 0..255) is brightness, not class ids: thresholded at 128 as before."""
+    soft = np.zeros((48, 64), np.uint8)
+    soft[10:30, 10:40] = 255
+    soft[9, 10:40], soft[30, 10:40], soft[10:30, 9] = 60, 200, 127  # soft edges
+    out = pipe(QUERIES[0], support_images=IMAGES[:1], support_masks=[soft])
+    assert out.label_maps is None
+    expected = pipe(QUERIES[0], support_images=IMAGES[:1], support_masks=[soft >= 128])
+    np.testing.assert_array_equal(out.masks[0], expected.masks[0])
+    np.testing.assert_array_equal(out.probabilities[0], expected.probabilities[0])
