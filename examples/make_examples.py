@@ -4,8 +4,8 @@ Run from the repository root: `python examples/make_examples.py`. The output is 
 
 The objects are drawn by the renderer of the generated training episodes (`train.data.synthetic.paint_instance`):
 each set's target is one *kind* (shape, colour family, texture), and every image also holds objects of other kinds,
-so the support alone says which objects to find: the red balloons (not the yellow or green ones), the striped orange
-fish, the oranges (not the leaves or the toy bricks).
+so the support alone says which objects to find: the red balloons (not the blue or green ones), the striped orange
+fish (not the blue or the dotted pink ones), the oranges (not the leaves or the toy bricks).
 
 Each set `examples/<name>/` holds:
     support_<i>.png        an example image (RGB)
@@ -39,9 +39,9 @@ def kind(shape: str, colour: str, texture: str) -> int:
     return Kind(SHAPES.index(shape), list(COLOUR_FAMILIES).index(colour), TEXTURES.index(texture)).class_id
 
 
-RED_BALLOON, YELLOW_BALLOON, GREEN_BALLOON = (kind("disc", c, "plain") for c in ("red", "yellow", "lime"))
-CLOWNFISH, BLUE_FISH, YELLOW_FISH = kind("disc", "orange", "stripes"), kind("disc", "blue", "plain"), kind(
-    "disc", "yellow", "dots")
+RED_BALLOON, BLUE_BALLOON, GREEN_BALLOON = (kind("disc", c, "plain") for c in ("red", "blue", "green"))
+CLOWNFISH, BLUE_FISH, PINK_FISH = kind("disc", "orange", "stripes"), kind("disc", "blue", "plain"), kind(
+    "disc", "pink", "dots")
 ORANGE, LEAF, BLUE_BRICK, PINK_BRICK = (kind("disc", "orange", "dots"), kind("diamond", "green", "plain"),
                                         kind("square", "blue", "checks"), kind("square", "pink", "plain"))
 
@@ -151,26 +151,26 @@ def fruit_scene(seed: int, width: int, height: int, objects) -> Scene:
 
 def example_sets() -> dict[str, dict[str, list[Scene]]]:
     """The example sets: name -> {"supports": scenes, "queries": scenes}."""
-    R, Y, G = RED_BALLOON, YELLOW_BALLOON, GREEN_BALLOON
-    C, B, F = CLOWNFISH, BLUE_FISH, YELLOW_FISH
+    R, B2, G = RED_BALLOON, BLUE_BALLOON, GREEN_BALLOON
+    C, B, F = CLOWNFISH, BLUE_FISH, PINK_FISH
     O, L, BB, PB = ORANGE, LEAF, BLUE_BRICK, PINK_BRICK
     return {
         "balloons": {
-            "supports": [balloons_scene(1, 512, 384, [(R, 170, 150, 62), (Y, 350, 175, 56)], [(420, 60, 38)])],
+            "supports": [balloons_scene(1, 512, 384, [(R, 170, 150, 66), (B2, 355, 175, 58)], [(430, 60, 36)])],
             "queries": [
-                balloons_scene(2, 448, 448, [(Y, 110, 150, 54), (R, 240, 110, 62), (G, 360, 200, 52)],
-                               [(220, 390, 40)]),
-                balloons_scene(3, 384, 448, [(R, 120, 140, 58), (G, 275, 120, 50), (R, 230, 290, 56)],
-                               [(90, 400, 30)]),
+                balloons_scene(2, 448, 448, [(B2, 100, 160, 56), (R, 235, 125, 70), (G, 365, 215, 54)],
+                               [(220, 400, 40)]),
+                balloons_scene(3, 448, 448, [(R, 150, 170, 70), (G, 340, 110, 52), (B2, 310, 290, 56)],
+                               [(90, 410, 30)]),
             ],
         },
         "fish": {
-            "supports": [fish_scene(21, 512, 384, [(C, 190, 150, 64, 0.1), (B, 370, 260, 56, -0.2)],
+            "supports": [fish_scene(21, 512, 384, [(C, 190, 150, 68, 0.1), (B, 370, 260, 56, -0.2)],
                                     [(60, 220), (470, 160)], [(330, 80, 8), (345, 52, 6)])],
             "queries": [
-                fish_scene(22, 448, 448, [(B, 140, 130, 56, 0.3), (C, 300, 280, 66, -0.15), (F, 330, 110, 50, 0.0)],
+                fish_scene(22, 448, 448, [(B, 130, 120, 54, 0.3), (C, 280, 290, 72, -0.15), (F, 340, 110, 50, 0.0)],
                            [(40, 250), (420, 230)], [(200, 60, 9), (90, 330, 7)]),
-                fish_scene(23, 448, 384, [(C, 150, 200, 70, 0.0), (F, 330, 130, 54, 0.4)],
+                fish_scene(23, 448, 384, [(C, 150, 200, 72, 0.0), (F, 340, 120, 52, 0.4)],
                            [(60, 200), (400, 260)], [(300, 300, 10), (320, 270, 7)]),
             ],
         },
@@ -178,8 +178,8 @@ def example_sets() -> dict[str, dict[str, list[Scene]]]:
             "supports": [fruit_scene(11, 512, 384, [(O, 180, 200, 70, 0), (L, 370, 130, 55, 0.5),
                                                     (BB, 390, 290, 45, 0.2)])],
             "queries": [
-                fruit_scene(13, 448, 448, [(L, 110, 330, 55, -0.4), (O, 150, 140, 62, 0), (O, 310, 280, 68, 0),
-                                           (PB, 340, 100, 44, 0.3)]),
+                fruit_scene(13, 448, 448, [(L, 100, 340, 55, -0.4), (O, 220, 200, 80, 0), (PB, 360, 90, 44, 0.3),
+                                           (BB, 370, 360, 40, 0.5)]),
                 fruit_scene(14, 448, 384, [(O, 230, 190, 80, 0), (L, 80, 90, 50, 0.9), (BB, 380, 300, 42, -0.2)]),
             ],
         },
