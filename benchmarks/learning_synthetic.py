@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Few-shot from generated episodes: a tiny DiffewS trained on `--dataset synthetic`, scored on held-out kinds.
 
-    python benchmarks/learning_synthetic.py --output-dir runs/learning_synthetic --steps 2000 \\
+    python benchmarks/learning_synthetic.py --output-dir runs/learning_synthetic \\
         --camvid-root /work/shared/data/camvid --export-pipeline examples/tiny-fewshot-pipeline
+
+The defaults are the settings of the shipped `examples/tiny-fewshot-pipeline` (`docs/learning_synthetic.md`).
 
 1. Trains a tiny VAE (`benchmarks/tiny_vae.py`, scale factor 4) on generated training scenes and the masks of their
    kinds (held-out kinds never shown).
@@ -68,9 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--output-dir", required=True, help="Pipelines, results.json and results.md go here.")
     a("--resolution", type=int, default=64, help="Training, processing and scoring resolution (multiple of 16).")
-    a("--steps", type=int, default=2000, help="Training steps per model (DiffewS and its support-free twin).")
-    a("--vae-steps", type=int, default=500, help="Training steps of the tiny VAE (batches of 16).")
-    a("--vae-scenes", type=int, default=1500, help="Generated training scenes the VAE learns from.")
+    a("--steps", type=int, default=800, help="Training steps per model (DiffewS and its support-free twin).")
+    a("--vae-steps", type=int, default=400, help="Training steps of the tiny VAE (batches of 16).")
+    a("--vae-scenes", type=int, default=1200, help="Generated training scenes the VAE learns from.")
     a("--vae-from", default=None,
       help="Use the VAE of this pipeline folder (e.g. <output-dir>/init of an earlier run with the same --seed, "
            "--vae-steps and --vae-scenes, which trained the same weights) instead of training it again.")
@@ -86,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0, help="Seed of the initial weights, the generated scenes and training episodes.")
     a("--examples-dir", default=str(EXAMPLES_DIR), help="Demo example sets to score (each with truth/ masks).")
     a("--camvid-root", default=None, help="CamVid folder: also fine-tune on CamVid fold 0 and score it.")
-    a("--camvid-steps", type=int, default=1000, help="Fine-tuning steps on CamVid.")
+    a("--camvid-steps", type=int, default=400, help="Fine-tuning steps on CamVid.")
     a("--camvid-learning-rate", type=float, default=5e-4, help="AdamW learning rate of the CamVid fine-tune.")
     a("--export-pipeline", default=None, help="Also save the trained DiffewS pipeline (safetensors) here.")
     args = p.parse_args(argv)
@@ -282,14 +284,14 @@ def markdown(results: dict) -> str:
         for row, r in c.get("from_scratch", {}).items():
             lines.append(f"| from scratch on CamVid: {ROW_TITLES[row]} | {r['seen']['miou']:.1f} | "
                          f"{r['novel']['miou']:.1f} |")
-    lines += ["", "| phase | CPU minutes | wall minutes |", "|---|---:|---:|"]
-    for phase, v in results["timings"].items():
-        lines.append(f"| {phase} | {v['cpu_s'] / 60:.1f} | {v['wall_s'] / 60:.1f} |")
+    timings = [f"| {phase} | {t['cpu_s'] / 60:.1f} | {t['wall_s'] / 60:.1f} |"
+               for phase, t in results["timings"].items()]
     m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} thread(s); "
-              f"load average {m['load_average']} at the start, {results['load_average_end']} at the end.",
-              "", "```", results["command"], "```", ""]
-    return "\n".join(lines)
+    machine_line = (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} thread(s) per "
+                    f"process; load average {m['load_average']} at the start, {results['load_average_end']} at the "
+                    "end.")
+    return "\n".join([*lines, "", "| phase | CPU minutes | wall minutes |", "|---|---:|---:|", *timings, "",
+                      machine_line, "", "```", results["command"], "```", ""])
 
 
 def camvid_record() -> dict:

@@ -1,4 +1,5 @@
-"""Training on generated episodes: `train/train.py --dataset synthetic` learns, `benchmarks/learning_synthetic.py` runs."""
+"""Training on generated episodes: `train/train.py --dataset synthetic` learns; `benchmarks/learning_synthetic.py`
+runs end to end."""
 
 from __future__ import annotations
 
