@@ -98,13 +98,13 @@ def test_paint_upload_segment_in_the_browser(page, tmp_path):
     download = page.request.get(link)
     assert download.headers["content-type"] == "image/png"
     with PIL.Image.open(io.BytesIO(download.body())) as mask:
-        assert mask.size == (512, 512)  # the query's own size
+        assert mask.size == PIL.Image.open(ROOT / "examples/balloons/query_1.png").size  # the query's own size
 
-    # One click loads an example (two example images, two images to segment).
+    # One click loads an example (its example image with the object painted, two images to segment).
     page.locator("table tbody tr").filter(has_text="relative").nth(2).click()
     page.click("#segment-button")
-    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Examples: 2')")
-    assert "Segmented 2 images" in page.inner_text("#status")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Segmented 2 images')")
+    assert "Examples: 1" in page.inner_text("#status")
     assert page.locator("#overlays img").count() >= 2
 
     screenshot = tmp_path / "demo.png"

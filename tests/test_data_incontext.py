@@ -73,6 +73,7 @@ def test_incontext_errors(tmp_path, mix_root):
 
 
 def test_registry():
-    assert set(SOURCES) == {"coco20i", "pascal5i", "lvis92i", "fss1000", "ade20k", "camvid", "folder", "incontext"}
+    assert set(SOURCES) == {
+        "coco20i", "pascal5i", "lvis92i", "fss1000", "ade20k", "camvid", "folder", "incontext", "synthetic"}
     with pytest.raises(ValueError, match="coco20i, pascal5i, lvis92i, fss1000, ade20k, camvid, folder, incontext"):
         build_source("imagenet", "/x", "train")
