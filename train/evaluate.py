@@ -37,6 +37,7 @@ from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.metrics import FewShotSegmentationMetric  # noqa: E402
 from train.model_card import DATASET_TITLES, update_model_card  # noqa: E402
 from train.multiclass_eval import add_multiclass_arguments, evaluate_multiclass  # noqa: E402
+from train.results_io import write_results  # noqa: E402
 from train.source_options import add_source_option_argument  # noqa: E402
 
 DEFAULT_SPLITS = {"fss1000": "test"}  # every other source is scored on its "val" split
@@ -205,12 +206,7 @@ def main(argv=None) -> int:
     }
     if accelerator.is_main_process:
         print(format_table(results))
-        text = json.dumps(results, indent=2)
-        if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(text + "\n")
-        else:
-            print(text)
+        write_results(results, args.output)
         if args.save_episodes:
             Path(args.save_episodes).parent.mkdir(parents=True, exist_ok=True)
             Path(args.save_episodes).write_text(json.dumps(sorted(records, key=lambda r: r["index"]), indent=1) + "\n")

@@ -16,11 +16,9 @@ timed side by side (seconds per query), so benefit and cost are both numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 from pipeline_diffews import DiffewSPipeline
 from train.data import build_source
 from train.data.base import FewShotSource
+from train.results_io import write_results
 
 IGNORE = 255
 
@@ -308,12 +307,7 @@ def evaluate_multiclass(args: argparse.Namespace) -> dict:
         results["seconds_per_query"]["single_class_calls"] = float(np.mean(single_seconds))
         results["seconds_per_query"]["speedup"] = float(np.mean(single_seconds) / np.mean(multi_seconds))
     print(format_multiclass_table(results))
-    text = json.dumps(results, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    else:
-        print(text)
+    write_results(results, args.output)
     return results
 
 
