@@ -550,10 +550,7 @@ class DiffewSPipeline(DiffusionPipeline):
             )
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"`threshold` must be a number in [0, 1], got {threshold!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if multiclass not in (None, True, False):
-            raise ValueError(f"`multiclass` must be None (auto), True or False, got {multiclass!r}.")
+        self._check_batching(batch_size, multiclass)
         self._check_resolution(processing_resolution)
 
         queries = [self.image_processor.to_pil_image(q, f"image[{i}]") for i, q in enumerate(_as_list(image, "image"))]
@@ -594,6 +591,13 @@ class DiffewSPipeline(DiffusionPipeline):
         if per_query and len(mask_sets) != len(image_sets):
             raise ValueError(f"`support_masks` holds {len(mask_sets)} sets, `support_images` {len(image_sets)}.")
         return queries, [self._check_support_set(imgs, msks, multiclass) for imgs, msks in zip(image_sets, mask_sets)]
+
+    @staticmethod
+    def _check_batching(batch_size: int, multiclass: bool | None) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if multiclass not in (None, True, False):
+            raise ValueError(f"`multiclass` must be None (auto), True or False, got {multiclass!r}.")
 
     def _check_resolution(self, processing_resolution: int) -> None:
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -795,10 +799,7 @@ class DiffewSPipeline(DiffusionPipeline):
         """
         resolution = processing_resolution or self.config.processing_resolution
         self._check_resolution(resolution)
-        if multiclass not in (None, True, False):
-            raise ValueError(f"`multiclass` must be None (auto), True or False, got {multiclass!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        self._check_batching(batch_size, multiclass)
         support_set = self._check_support_set(support_images, support_masks, multiclass)
         self._prepare_for_device()
         if isinstance(support_set, _ClassSupportSet):
@@ -878,6 +879,7 @@ class DiffewSPipeline(DiffusionPipeline):
             image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type, batch_size,
             threshold_precision, multiclass,
         )
+        self._prepare_for_device()
         classes = self._class_support(support, support_sets, multiclass)
         if classes is not None:
             sizes = [(q.height, q.width) if match_input_resolution else (resolution, resolution) for q in queries]
@@ -886,7 +888,6 @@ class DiffewSPipeline(DiffusionPipeline):
                                          return_dict)
 
         # 2. Shared supports: one support pass for all queries (its VAE batch also encodes the first batch's queries)
-        self._prepare_for_device()
         batches = self._batches(len(queries), batch_size, support, support_sets)
         shared, query_latents = None, None
         if support is not None and not isinstance(support, (list, tuple)):

@@ -194,3 +194,14 @@ def test_soft_0_255_mask_stays_a_binary_mask(pipe):
     expected = pipe(QUERIES[0], support_images=IMAGES[:1], support_masks=[soft >= 128])
     np.testing.assert_array_equal(out.masks[0], expected.masks[0])
     np.testing.assert_array_equal(out.probabilities[0], expected.probabilities[0])
+
+
+def test_a_label_map_call_prepares_the_device_like_a_one_class_call():
+    """The CPU bfloat16 conversion (and, on CUDA, the GroupNorm swap) happens for multi-class calls too."""
+    pipe = tiny_pipeline()
+    pipe.register_to_config(cpu_bfloat16=True)
+    out = pipe(QUERIES[0], support_images=IMAGES, support_masks=LABELS)
+    assert out.class_ids == [1, 2, 3]
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="`multiclass` must be None"):
+        pipe.encode_support(IMAGES, LABELS, multiclass="yes")
