@@ -77,12 +77,13 @@ def files(tmp_path):
     }
 
 
-def call_segment(client, support, mask, queries, **kwargs):
+def call_segment(client, support, mask, queries, api_name="/segment", **kwargs):
+    """One support image with its mask, the queries: the outputs of the endpoint `api_name`."""
     return client.predict(
         support_images=[handle_file(support)],
         support_masks=[handle_file(mask)],
         queries=[handle_file(q) for q in queries],
-        api_name="/segment",
+        api_name=api_name,
         **kwargs,
     )
 

@@ -9,12 +9,12 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
 import demo_utils
-from tests.test_app import page_inputs, running_app, write_image
+from tests.test_app import call_segment, page_inputs, running_app, write_image
 
 PALETTE = [0, 0, 0, 10, 200, 30, 250, 20, 20, 40, 40, 240] + [128] * (768 - 12)  # index 1 green, 2 red, 3 blue
 
@@ -64,13 +64,7 @@ def files(tmp_path_factory):
 
 
 def call_classes(client, support, labels, queries, **kwargs):
-    return client.predict(
-        support_images=[handle_file(support)],
-        support_masks=[handle_file(labels)],
-        queries=[handle_file(q) for q in queries],
-        api_name="/segment_classes",
-        **kwargs,
-    )
+    return call_segment(client, support, labels, queries, api_name="/segment_classes", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- /segment_classes
