@@ -16,8 +16,11 @@ The defaults are the settings of the shipped `examples/tiny-fewshot-pipeline` (`
    and the model on the val split's training kinds (seen kinds, other scenes), 1 shot.
 4. Segments the demo's examples (`examples/<set>/`, true query masks in `truth/`) with each set's supports: IoU per
    query at the query's own size, as the demo shows it.
-5. With `--camvid-root`: fine-tunes the trained model on CamVid fold 0 (`--camvid-steps`) and scores seen and novel
-   classes as `benchmarks/learning_camvid.py` does, beside that benchmark's recorded from-scratch figures.
+5. With `--camvid-root`: scores the trained model on CamVid fold 0's seen and novel classes as
+   `benchmarks/learning_camvid.py` does, then fine-tunes it on CamVid fold 0 (`--camvid-steps`, same settings) on
+   CamVid episodes only, and with `--camvid-mix-share` of the episodes drawn from the generated training kinds
+   (`train/train.py --mix-dataset synthetic`); the support-free twin gets the same mixed fine-tune without supports.
+   Scores them all beside the recorded from-scratch figures of `benchmarks/learning_camvid.py`.
 6. Writes `results.json` and `results.md` to `--output-dir`.
 
 Budgets are steps, so a run is reproducible (fixed seeds, 1 thread, float32); CPU and wall times are reported.
@@ -33,6 +36,7 @@ import shlex
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -90,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--camvid-root", default=None, help="CamVid folder: also fine-tune on CamVid fold 0 and score it.")
     a("--camvid-steps", type=int, default=400, help="Fine-tuning steps on CamVid.")
     a("--camvid-learning-rate", type=float, default=5e-4, help="AdamW learning rate of the CamVid fine-tune.")
+    a("--camvid-mix-share", type=float, default=0.5,
+      help="Share of generated-episode steps in the second CamVid fine-tune (0: run only the CamVid-only one).")
     a("--export-pipeline", default=None, help="Also save the trained DiffewS pipeline (safetensors) here.")
     args = p.parse_args(argv)
     if args.resolution % 16 or args.resolution < 16:
@@ -100,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.shots) < 1:
         p.error(f"--shots must all be >= 1, got {args.shots}")
+    if not 0 <= args.camvid_mix_share < 1:
+        p.error(f"--camvid-mix-share must be in [0, 1), got {args.camvid_mix_share}")
     return args
 
 
@@ -127,10 +135,14 @@ def synthetic_pixels(count: int, resolution: int, seed: int, split: str = "train
     return CamVidPixels(torch.stack(images), torch.stack(masks), torch.tensor(class_ids))
 
 
-def train_argv(args, pretrained: Path, output_dir: Path, steps: int, dataset: str = "synthetic") -> list[str]:
-    """The `train/train.py` command line of one model (synthetic training kinds, or CamVid fold 0)."""
+def train_argv(args, pretrained: Path, output_dir: Path, steps: int, dataset: str = "synthetic",
+               mix_share: float = 0.0) -> list[str]:
+    """The `train/train.py` command line of one model (synthetic training kinds, or CamVid fold 0 with `mix_share` of
+    the episodes from the synthetic training kinds)."""
     data = (["--dataset", "synthetic", "--source-option", f"seed={args.seed}"] if dataset == "synthetic"
             else ["--dataset", "camvid", "--data-root", str(args.camvid_root), "--fold", "0"])
+    if mix_share:
+        data += ["--mix-dataset", "synthetic", "--mix-share", str(mix_share), "--mix-source-option", f"seed={args.seed}"]
     learning_rate = args.learning_rate if dataset == "synthetic" else args.camvid_learning_rate
     return data + [
         "--pretrained", str(pretrained), "--output-dir", str(output_dir), "--max-steps", str(steps),
@@ -139,6 +151,21 @@ def train_argv(args, pretrained: Path, output_dir: Path, steps: int, dataset: st
         "--resolution", str(args.resolution), "--mixed-precision", "no", "--checkpointing-steps", str(steps + 1),
         "--dataloader-num-workers", "0", "--report-to", "none", "--seed", str(args.seed), "--cpu",
     ]
+
+
+class FineTune(NamedTuple):
+    start: str  # the trained model fine-tuned: a row of `ROWS`
+    mix_share: float  # share of generated episodes in the fine-tune
+
+
+def camvid_fine_tunes(args) -> dict[str, FineTune]:
+    """`{output folder: FineTune}` of the CamVid fine-tunes to run: the model on CamVid episodes only; with
+    `--camvid-mix-share`, the model and its support-free twin (still without supports) on mixed episodes."""
+    runs = {"camvid_finetuned": FineTune("diffews", 0.0)}
+    if args.camvid_mix_share:
+        runs["camvid_finetuned_mixed"] = FineTune("diffews", args.camvid_mix_share)
+        runs["query_only_camvid_finetuned_mixed"] = FineTune("query_only", args.camvid_mix_share)
+    return runs
 
 
 def timed_training(argv: list[str], blank: bool, threads: int) -> dict:
@@ -164,8 +191,8 @@ def scores_of(metric: FewShotSegmentationMetric) -> dict:
     return {"miou": round(scores["miou"], 2), "fb_iou": round(scores["fb_iou"], 2), "episodes": scores["episodes"]}
 
 
-def score_row(row: str, pipe, episodes: EvaluationEpisodes, args, shots: int) -> dict:
-    """mIoU / FB-IoU of one row (`ROWS`) on `episodes`."""
+def scored_metric(row: str, pipe, episodes: EvaluationEpisodes, args, shots: int) -> FewShotSegmentationMetric:
+    """The metric after scoring one row (`ROWS`) on `episodes`."""
     metric = FewShotSegmentationMetric(num_classes=episodes.source.num_classes)
     loader = episode_loader(episodes, args.eval_batch_size)
     if row == "diffews":
@@ -174,7 +201,12 @@ def score_row(row: str, pipe, episodes: EvaluationEpisodes, args, shots: int) ->
         score_query_only(pipe, loader, metric, args.resolution, shots)
     else:
         score_copy_baseline(loader, metric, args.resolution)
-    return scores_of(metric)
+    return metric
+
+
+def score_row(row: str, pipe, episodes: EvaluationEpisodes, args, shots: int) -> dict:
+    """mIoU / FB-IoU of one row (`ROWS`) on `episodes`."""
+    return scores_of(scored_metric(row, pipe, episodes, args, shots))
 
 
 def evaluate_synthetic(args, pipelines: dict) -> dict:
@@ -235,15 +267,14 @@ def score_examples(pipe, folder) -> dict[str, dict[str, float]]:
     return results
 
 
-def evaluate_camvid(args, pipe) -> dict:
-    """Seen and novel classes of CamVid fold 0 (val, 1 shot), as `benchmarks/learning_camvid.py` scores them."""
+def evaluate_camvid(args, pipe, row: str = "diffews") -> dict:
+    """Seen and novel classes of CamVid fold 0 (val, 1 shot), as `benchmarks/learning_camvid.py` scores them; `row`
+    "query_only" scores a support-free model with the zero support it was trained with."""
     results = {}
     for split_name, mode in (("seen", "train"), ("novel", "test")):
         source = build_source("camvid", args.camvid_root, "val", 0, mode)
         episodes = EvaluationEpisodes(source, shots=1, num_episodes=args.episodes, seed=0)
-        metric = FewShotSegmentationMetric(num_classes=source.num_classes)
-        score_episodes(pipe, episode_loader(episodes, args.eval_batch_size), metric, args.resolution, progress=False)
-        scores = metric.compute()
+        scores = scored_metric(row, pipe, episodes, args, 1).compute()
         results[split_name] = {
             "miou": round(scores["miou"], 2), "fb_iou": round(scores["fb_iou"], 2), "episodes": scores["episodes"],
             "per_class": {source.class_names[c]: round(v, 2) for c, v in scores["per_class"].items()},
@@ -276,11 +307,13 @@ def markdown(results: dict) -> str:
         lines += [f"| {name} | {q} | {iou:.3f} |" for q, iou in queries.items()]
     if "camvid" in results:
         c = results["camvid"]
-        lines += ["", f"CamVid fold 0, val, 1-shot, {cfg['episodes']} episodes each (fine-tuned {cfg['camvid_steps']} "
-                  "steps from the generated-scenes model; the other rows: `benchmarks/results/learning_camvid.json`):",
-                  "", "| model | seen mIoU | novel mIoU |", "|---|---:|---:|",
-                  f"| generated pretraining + CamVid fine-tune | {c['finetuned']['seen']['miou']:.1f} | "
-                  f"{c['finetuned']['novel']['miou']:.1f} |"]
+        lines += ["", f"CamVid fold 0, val, 1-shot, {cfg['episodes']} episodes each (fine-tunes: {cfg['camvid_steps']} "
+                  "steps from the generated-scenes model; the from-scratch rows: "
+                  "`benchmarks/results/learning_camvid.json`):", "", "| model | seen mIoU | novel mIoU |",
+                  "|---|---:|---:|"]
+        for row, title in camvid_row_titles(cfg).items():
+            if row in c:
+                lines.append(f"| {title} | {c[row]['seen']['miou']:.1f} | {c[row]['novel']['miou']:.1f} |")
         for row, r in c.get("from_scratch", {}).items():
             lines.append(f"| from scratch on CamVid: {ROW_TITLES[row]} | {r['seen']['miou']:.1f} | "
                          f"{r['novel']['miou']:.1f} |")
@@ -292,6 +325,16 @@ def markdown(results: dict) -> str:
                     "end.")
     return "\n".join([*lines, "", "| phase | CPU minutes | wall minutes |", "|---|---:|---:|", *timings, "",
                       machine_line, "", "```", results["command"], "```", ""])
+
+
+def camvid_row_titles(cfg: dict) -> dict[str, str]:
+    return {
+        "pretrained": "generated pretraining, no CamVid fine-tune",
+        "camvid_finetuned": "generated pretraining + CamVid fine-tune (CamVid episodes only)",
+        "camvid_finetuned_mixed": (f"generated pretraining + CamVid fine-tune, "
+                                   f"{cfg.get('camvid_mix_share', 0):.0%} generated episodes mixed in"),
+        "query_only_camvid_finetuned_mixed": ("its support-free twin, the same mixed fine-tune without supports"),
+    }
 
 
 def camvid_record() -> dict:
@@ -340,9 +383,12 @@ def main(argv=None) -> int:
     for row, run in runs.items():
         timings[f"training: {ROW_TITLES[row]}"] = run.result()
         print(f"trained {row}: {timings[f'training: {ROW_TITLES[row]}']}", flush=True)
+    camvid_runs = {}
     if args.camvid_root:  # fine-tuned in the background while the generated episodes are scored
-        argv = train_argv(args, output_dir / "diffews", output_dir / "camvid_finetuned", args.camvid_steps, "camvid")
-        camvid_run = submit(timed_training, argv, False, args.threads)
+        for row, tune in camvid_fine_tunes(args).items():
+            argv = train_argv(args, output_dir / tune.start, output_dir / row, args.camvid_steps, "camvid",
+                              tune.mix_share)
+            camvid_runs[row] = submit(timed_training, argv, tune.start == "query_only", args.threads)
 
     pipelines = {}
     for row in ("diffews", "query_only"):
@@ -356,11 +402,14 @@ def main(argv=None) -> int:
     print(f"examples: {results['examples']}", flush=True)
 
     if args.camvid_root:
-        timings["CamVid fine-tune"] = camvid_run.result()
-        finetuned = DiffewSPipeline.from_pretrained(output_dir / "camvid_finetuned", dtype=torch.float32)
-        finetuned.set_progress_bar_config(disable=True)
         with Stopwatch() as watch:
-            results["camvid"] = {"finetuned": evaluate_camvid(args, finetuned), "from_scratch": camvid_record()}
+            results["camvid"] = {"pretrained": evaluate_camvid(args, pipelines["diffews"])}
+            for row, tune in camvid_fine_tunes(args).items():
+                timings[f"CamVid fine-tune: {row}"] = camvid_runs[row].result()
+                finetuned = DiffewSPipeline.from_pretrained(output_dir / row, dtype=torch.float32)
+                finetuned.set_progress_bar_config(disable=True)
+                results["camvid"][row] = evaluate_camvid(args, finetuned, tune.start)
+            results["camvid"]["from_scratch"] = camvid_record()
         timings["CamVid evaluation"] = watch.as_dict()
     if pool:
         pool.shutdown()

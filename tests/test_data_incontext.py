@@ -77,3 +77,29 @@ def test_registry():
         "coco20i", "pascal5i", "lvis92i", "fss1000", "ade20k", "camvid", "folder", "incontext", "synthetic"}
     with pytest.raises(ValueError, match="coco20i, pascal5i, lvis92i, fss1000, ade20k, camvid, folder, incontext"):
         build_source("imagenet", "/x", "train")
+
+
+def test_concat_shares_give_each_part_its_fraction_of_the_episodes(mix_root):
+    coco = build_source("coco20i", mix_root / "coco", "train", None, "train")
+    voc = build_source("pascal5i", mix_root / "voc", "train", None, "train", index_cache=False)
+    s = ConcatSource({"coco": coco, "voc": voc}, weighting={"coco": 1, "voc": 3})
+    w = s.class_weights(s.class_ids)
+    parts = np.array([s.part_of(c)[0] for c in s.class_ids])
+    assert np.isclose(w[parts == "voc"].sum(), 0.75) and np.allclose(w[parts == "voc"], 0.75 / (parts == "voc").sum())
+    with pytest.warns(UserWarning):
+        ds = TrainingEpisodes(s, 1, 1, seed=0, num_steps=400)
+    drawn = [s.part_of(ds.spec(i, 0).class_id)[0] for i in range(400)]
+    assert 260 < drawn.count("voc") < 340
+
+
+@pytest.mark.parametrize("shares, match", [
+    ({"coco": 1}, "must name every part"),
+    ({"coco": 1, "voc": 1, "ade20k": 1}, "must name every part"),
+    ({"coco": 1, "voc": 0}, "share of 'voc' must be a positive number"),
+    ({"coco": "many", "voc": 1}, "share of 'coco' must be a positive number"),
+    ({"coco": float("inf"), "voc": 1}, "share of 'coco'"),
+])
+def test_bad_shares_are_named(mix_root, shares, match):
+    coco = build_source("coco20i", mix_root / "coco", "train", None, "train")
+    with pytest.raises(ValueError, match=match):
+        ConcatSource({"coco": coco, "voc": coco}, weighting=shares)

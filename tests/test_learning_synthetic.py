@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures_data import ROOT  # noqa: F401  (puts the repository root on sys.path)
+from tests.fixtures_data import CAMVID, ROOT  # ROOT: puts the repository root on sys.path
 from benchmarks.learning_synthetic import ROWS, main, parse_args, score_examples, synthetic_pixels
+from benchmarks.learning_synthetic import train_argv as benchmark_train_argv
 from pipeline_diffews import DiffewSPipeline
 from tests.tiny_models import save_tiny_pipeline
 from tests.training_runs import run_train, train_argv
@@ -46,11 +47,12 @@ def test_a_short_run_on_generated_episodes_lowers_the_loss(tmp_path):
 
 def test_two_steps_of_everything_write_the_tables(tmp_path):
     out = tmp_path / "run"
+    camvid = ["--camvid-root", str(CAMVID), "--camvid-steps", "2"] if CAMVID.is_dir() else []
     threads = torch.get_num_threads()
     try:
         assert main(["--output-dir", str(out), "--resolution", "32", "--vae-steps", "2", "--vae-scenes", "8",
                      "--steps", "2", "--episodes", "4", "--eval-batch-size", "4", "--shots", "1", "2",
-                     "--jobs", "1"]) == 0
+                     "--jobs", "1", *camvid]) == 0
     finally:
         torch.set_num_threads(threads)
     results = json.loads((out / "results.json").read_text())
@@ -62,6 +64,12 @@ def test_two_steps_of_everything_write_the_tables(tmp_path):
     assert set(results["examples"]) == {"balloons", "fish", "oranges"}
     assert all(0 <= iou <= 1 for queries in results["examples"].values() for iou in queries.values())
     assert results["command"] in (out / "results.md").read_text()
+    if camvid:  # scored before fine-tuning, after the CamVid-only fine-tune, and after the mixed one
+        rows = {"pretrained", "camvid_finetuned", "camvid_finetuned_mixed", "query_only_camvid_finetuned_mixed"}
+        assert rows <= set(results["camvid"])
+        assert all(results["camvid"][r][s]["episodes"] == 4 for r in rows for s in ("seen", "novel"))
+        assert "50% generated episodes mixed in" in (out / "results.md").read_text()
+        assert (out / "camvid_finetuned_mixed" / "model_index.json").is_file()
 
 
 def test_vae_pixels_hold_scenes_and_every_kind_mask():
@@ -85,3 +93,9 @@ def test_arguments_are_checked():
         parse_args(["--output-dir", "o", "--shots", "0"])
     args = parse_args(["--output-dir", "o"])
     assert (args.resolution, args.shots, args.episodes, args.camvid_root) == (64, [1, 5], 300, None)
+    assert args.camvid_mix_share == 0.5
+    mixed = benchmark_train_argv(args, "p", "o", 4, "camvid", args.camvid_mix_share)
+    assert mixed[mixed.index("--mix-dataset") + 1] == "synthetic" and mixed[mixed.index("--mix-share") + 1] == "0.5"
+    assert "--mix-dataset" not in benchmark_train_argv(args, "p", "o", 4, "camvid")
+    with pytest.raises(SystemExit):
+        parse_args(["--output-dir", "o", "--camvid-mix-share", "1"])

@@ -30,17 +30,17 @@ from tqdm.auto import tqdm  # noqa: E402
 from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel  # noqa: E402
 from pipeline_diffews.hub import build_model_card  # noqa: E402
 from train.checkpointing import CheckpointUploader, checkpoint_dir, resolve_resume, rotate_checkpoints  # noqa: E402
-from train.data import SOURCES, TrainingEpisodes, build_source  # noqa: E402
+from train.data import SOURCES, ConcatSource, TrainingEpisodes, build_source  # noqa: E402
 from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes  # noqa: E402
-from train.source_options import add_source_option_argument  # noqa: E402
+from train.source_options import add_source_option_argument, source_option  # noqa: E402
 
 logger = get_logger("diffews.train")
 
 
 # Settings that define the episode stream and the schedule: a resumed run must keep them to match an uninterrupted one.
 RESUME_SETTINGS = ("dataset", "fold", "split", "max_steps", "batch_size", "gradient_accumulation_steps", "max_shots",
-                   "resolution", "seed", "learning_rate", "lr_end", "processes")
+                   "resolution", "seed", "learning_rate", "lr_end", "processes", "mix_dataset", "mix_share")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,6 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--output-dir", required=True, help="Checkpoints, logs and the final pipeline go here.")
     a("--split", default="train", help="Dataset split to train on (default: train).")
     a("--fold", type=int, default=None, help="Train on this fold's training classes (default: all classes).")
+    a("--mix-dataset", choices=sorted(SOURCES), default=None,
+      help="Also draw episodes from this source (its train split, every class): e.g. keep a skill learnt on it "
+           "while fine-tuning on --dataset.")
+    a("--mix-data-root", default=None, help="The --mix-dataset's folder (synthetic: none).")
+    a("--mix-share", type=float, default=0.5,
+      help="Fraction of the episodes drawn from --mix-dataset (0 < share < 1; default 0.5), a uniform class in it.")
+    a("--mix-source-option", type=source_option, action="append", default=[], metavar="KEY=VALUE",
+      help="Extra argument of the --mix-dataset source, repeatable (as --source-option).")
     a("--max-steps", type=int, default=10_000, help="Optimisation steps (10k strict few-shot, 30k in-context).")
     a("--batch-size", type=int, default=1, help="Episodes per process per micro-step.")
     a("--gradient-accumulation-steps", type=int, default=4)
@@ -92,6 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.data_root is None and args.dataset not in ROOTLESS_SOURCES:
         p.error(f"--data-root is required for --dataset {args.dataset}")
+    if args.mix_dataset is not None:
+        if args.mix_dataset == args.dataset:
+            p.error(f"--mix-dataset must differ from --dataset, both are {args.dataset}")
+        if args.mix_data_root is None and args.mix_dataset not in ROOTLESS_SOURCES:
+            p.error(f"--mix-data-root is required for --mix-dataset {args.mix_dataset}")
+        if not 0 < args.mix_share < 1:
+            p.error(f"--mix-share must be between 0 and 1 (exclusive), got {args.mix_share}")
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_shots", "checkpointing_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -152,6 +167,11 @@ def build_loader(args, accelerator, first_step: int) -> tuple:
     """
     with accelerator.main_process_first():  # the main process writes the dataset's index cache first
         source = build_source(args.dataset, args.data_root, args.split, args.fold, "train", **dict(args.source_option))
+        if args.mix_dataset is not None:
+            mixed = build_source(args.mix_dataset, args.mix_data_root, "train", None, "train",
+                                 **dict(args.mix_source_option))
+            source = ConcatSource({args.dataset: source, args.mix_dataset: mixed},
+                                  weighting={args.dataset: 1 - args.mix_share, args.mix_dataset: args.mix_share})
     accum = args.gradient_accumulation_steps
     episodes = TrainingEpisodes(
         source, max_shots=args.max_shots, batch_size=args.batch_size, seed=args.seed,

@@ -11,7 +11,9 @@
   ``class_weights``: ``weighting="classes"`` (default) is uniform over all classes, so a
   dataset is drawn in proportion to its number of classes (80 : 150 : 20);
   ``weighting="uniform"`` gives every dataset the same probability, then a uniform class
-  in it. (Evaluation episodes always draw classes uniformly, HSNet's rule.)
+  in it; ``weighting={"camvid": 0.5, "synthetic": 0.5}`` gives each dataset its share
+  (any positive numbers, normalised), then a uniform class in it (``train/train.py
+  --mix-dataset``). (Evaluation episodes always draw classes uniformly, HSNet's rule.)
 
 :class:`InContextSource` builds the paper's in-context mix from ``root``:
 
@@ -43,16 +45,18 @@ class ConcatSource(FewShotSource):
 
     Args:
         sources: ``{part_name: source}`` in order (names without ":" or "/").
-        weighting: "classes" or "uniform".
+        weighting: "classes", "uniform", or ``{part_name: share}`` naming every part (shares > 0).
     """
 
     name = "concat"
 
-    def __init__(self, sources: Mapping[str, FewShotSource], weighting: str = "classes"):
+    def __init__(self, sources: Mapping[str, FewShotSource], weighting: str | Mapping[str, float] = "classes"):
         if not sources:
             raise ValueError("sources must hold at least one source")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if isinstance(weighting, Mapping):
+            weighting = _check_shares(weighting, list(sources))
+        elif weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS} or a dict of shares, got {weighting!r}")
         for n in sources:
             if not n or ":" in n or "/" in n:
                 raise ValueError(f"source names must be non-empty without ':' or '/', got {n!r}")
@@ -108,8 +112,25 @@ class ConcatSource(FewShotSource):
             return None
         parts = [self.part_of(c)[0] for c in class_ids]
         counts = {p: parts.count(p) for p in set(parts)}
-        w = np.array([1.0 / (len(counts) * counts[p]) for p in parts])
+        shares = self.weighting if isinstance(self.weighting, dict) else dict.fromkeys(counts, 1.0)
+        w = np.array([shares[p] / counts[p] for p in parts])
         return w / w.sum()
+
+
+def _check_shares(shares: Mapping[str, float], parts: list[str]) -> dict[str, float]:
+    """``shares`` as ``{part: float}`` after checking it names exactly ``parts`` with finite positive numbers."""
+    if sorted(shares) != sorted(parts):
+        raise ValueError(f"weighting shares must name every part {parts}, got {sorted(shares)}")
+    checked = {}
+    for part, share in shares.items():
+        try:
+            value = float(share)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError(f"weighting share of {part!r} must be a positive number, got {share!r}")
+        checked[part] = value
+    return checked
 
 
 class InContextSource(ConcatSource):
