@@ -309,7 +309,7 @@ def markdown(results: dict) -> str:
         c = results["camvid"]
         lines += ["", f"CamVid fold 0, val, 1-shot, {cfg['episodes']} episodes each (fine-tunes: {cfg['camvid_steps']} "
                   "steps from the generated-scenes model; the from-scratch rows: "
-                  "`benchmarks/results/learning_camvid.json`):", "", "| model | seen mIoU | novel mIoU |",
+                  "`benchmarks/results/learning_camvid.json`, as recorded there):", "", "| model | seen mIoU | novel mIoU |",
                   "|---|---:|---:|"]
         for row, title in camvid_row_titles(cfg).items():
             if row in c:
