@@ -54,6 +54,19 @@ def as_tuples(specs):
 # ---------------------------------------------------------------------- the reference loops, transcribed
 
 
+def reference_supports(pool, query_name, shot):
+    """The support loop of HSNet's sample_episode / load_frame (and Matcher's): draw from `pool` until `shot` draws
+    differ from the query (repeats kept)."""
+    support_names = []
+    while True:
+        support_name = np.random.choice(pool, 1, replace=False)[0]
+        if query_name != support_name:
+            support_names.append(support_name)
+        if len(support_names) == shot:
+            break
+    return tuple(support_names)
+
+
 def hsnet_pascal(split_file, shot, episodes=1000):
     """HSNet data/pascal.py: build_img_metadata, build_img_metadata_classwise, __getitem__ and sample_episode."""
     with open(split_file) as f:
@@ -67,14 +80,7 @@ def hsnet_pascal(split_file, shot, episodes=1000):
     for idx in range(episodes):
         idx %= len(img_metadata)
         query_name, class_sample = img_metadata[idx]
-        support_names = []
-        while True:
-            support_name = np.random.choice(img_metadata_classwise[class_sample], 1, replace=False)[0]
-            if query_name != support_name:
-                support_names.append(support_name)
-            if len(support_names) == shot:
-                break
-        out.append((class_sample, query_name, tuple(support_names)))
+        out.append((class_sample, query_name, reference_supports(img_metadata_classwise[class_sample], query_name, shot)))
     return out
 
 
@@ -88,14 +94,7 @@ def hsnet_coco(pickle_file, fold, shot, episodes=1000):
     for _ in range(episodes):
         class_sample = np.random.choice(class_ids, 1, replace=False)[0]
         query_name = np.random.choice(img_metadata_classwise[class_sample], 1, replace=False)[0]
-        support_names = []
-        while True:
-            support_name = np.random.choice(img_metadata_classwise[class_sample], 1, replace=False)[0]
-            if query_name != support_name:
-                support_names.append(support_name)
-            if len(support_names) == shot:
-                break
-        out.append((class_sample, query_name, tuple(support_names)))
+        out.append((class_sample, query_name, reference_supports(img_metadata_classwise[class_sample], query_name, shot)))
     return out
 
 
@@ -138,14 +137,7 @@ def matcher_lvis(val_anno, fold, shot, episodes=2300):
         idx %= len(class_ids_ori)
         class_sample = class_ids_ori[idx]
         query_name = np.random.choice(list(val_anno[class_sample].keys()), 1, replace=False)[0]
-        support_names = []
-        while True:
-            support_name = np.random.choice(list(val_anno[class_sample].keys()), 1, replace=False)[0]
-            if query_name != support_name:
-                support_names.append(support_name)
-            if len(support_names) == shot:
-                break
-        out.append((class_sample, query_name, tuple(support_names)))
+        out.append((class_sample, query_name, reference_supports(list(val_anno[class_sample].keys()), query_name, shot)))
     return out
 
 

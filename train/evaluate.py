@@ -37,7 +37,7 @@ from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.metrics import FewShotSegmentationMetric  # noqa: E402
 from train.model_card import DATASET_TITLES, update_model_card  # noqa: E402
 from train.multiclass_eval import add_multiclass_arguments, evaluate_multiclass  # noqa: E402
-from train.results_io import write_results  # noqa: E402
+from train.results_io import run_settings, write_results  # noqa: E402
 from train.source_options import add_source_option_argument  # noqa: E402
 
 DEFAULT_SPLITS = {"fss1000": "test"}  # every other source is scored on its "val" split
@@ -190,18 +190,9 @@ def main(argv=None) -> int:
         "fb_iou": scores["fb_iou"],
         "per_class": {source.class_names[c]: v for c, v in scores["per_class"].items()},
         "episodes": scores["episodes"],
-        "shots": args.shots,
-        "fold": args.fold,
-        "dataset": args.dataset,
-        "split": args.split,
-        "resolution": args.resolution,
-        "seed": args.seed,
+        **run_settings(args, pipe),
         "episode_protocol": args.episode_protocol,
         "episode_reference": episodes.plan.reference if episodes.plan is not None else None,
-        "threshold_mode": args.threshold_mode or pipe.config.threshold_mode,
-        "threshold": pipe.config.threshold if args.threshold is None else args.threshold,
-        "threshold_precision": args.threshold_precision or pipe.config.get("threshold_precision", "8bit"),
-        "pretrained": str(args.pretrained),
         "processes": accelerator.num_processes,
     }
     if accelerator.is_main_process:

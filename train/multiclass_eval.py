@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from pipeline_diffews import DiffewSPipeline
 from train.data import build_source
 from train.data.base import FewShotSource
-from train.results_io import write_results
+from train.results_io import run_settings, write_results
 
 IGNORE = 255
 
@@ -282,17 +282,8 @@ def evaluate_multiclass(args: argparse.Namespace) -> dict:
         "seconds_per_query": {"one_multiclass_call": float(np.mean(multi_seconds))},
         "classes_per_episode": float(np.mean(classes_per_episode)),
         "episodes": len(episodes),
-        "shots": args.shots,
-        "fold": args.fold,
-        "dataset": args.dataset,
-        "split": args.split,
-        "resolution": args.resolution,
-        "seed": args.seed,
+        **run_settings(args, pipe),
         "batch_size": args.batch_size,
-        "threshold_mode": args.threshold_mode or pipe.config.threshold_mode,
-        "threshold": pipe.config.threshold if args.threshold is None else args.threshold,
-        "threshold_precision": args.threshold_precision or pipe.config.get("threshold_precision", "8bit"),
-        "pretrained": str(args.pretrained),
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
