@@ -1,24 +1,41 @@
-"""Writers of tiny on-disk datasets in each benchmark's real format (for the data tests).
+"""Writers of tiny on-disk datasets in each benchmark's real format (for the data tests), and where the real CamVid is.
 
 Importing this module also puts the repository root on ``sys.path`` so that
 ``import train`` works however pytest is started.
+
+The tests on real data read CamVid from the folder named by the environment variable
+``DIFFEWS_CAMVID_ROOT`` (layout: ``train.data.camvid``), by default ``shared/data/camvid``
+beside the repository (``<repository>/../shared/data/camvid``). Without it they skip, and
+the reason names the variable and the folder looked at (``pytestmark = needs_camvid``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CAMVID = Path("/work/shared/data/camvid")
+CAMVID_ENV = "DIFFEWS_CAMVID_ROOT"
+CAMVID_DEFAULT = ROOT.parent / "shared" / "data" / "camvid"
+CAMVID = Path(os.environ.get(CAMVID_ENV) or CAMVID_DEFAULT).expanduser()
+"""The real CamVid folder: ``$DIFFEWS_CAMVID_ROOT``, else ``shared/data/camvid`` beside the repository."""
+
+needs_camvid = pytest.mark.skipif(
+    not CAMVID.is_dir(),
+    reason=f"CamVid not found at {CAMVID}: set {CAMVID_ENV} to the CamVid folder "
+           f"(default: shared/data/camvid beside the repository)",
+)
+"""Mark of the tests on real CamVid: ``pytestmark = needs_camvid``."""
 
 
 def write_jpeg(path: Path, width: int, height: int, seed: int = 0) -> None:

@@ -1,14 +1,14 @@
-"""CamVid on the real data at /work/shared/data/camvid (read only)."""
+"""CamVid on the real data (`DIFFEWS_CAMVID_ROOT`, see tests/fixtures_data.py; read only)."""
 
 import numpy as np
 import pytest
 
-from tests.fixtures_data import CAMVID
+from tests.fixtures_data import CAMVID, needs_camvid
 from train.data.camvid import CAMVID_CLASSES, CamVid
 from train.data.episodes import EvaluationEpisodes, TrainingEpisodes
 from train.data.registry import build_source
 
-pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
+pytestmark = needs_camvid
 
 
 @pytest.fixture(scope="module")

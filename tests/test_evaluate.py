@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from pipeline_diffews import DiffewSPipeline
-from tests.fixtures_data import CAMVID
+from tests.fixtures_data import CAMVID, needs_camvid
 from tests.tiny_models import RESOLUTION
 from tests.training_runs import run_evaluate
 from tests.training_runs import index_cache, single_thread  # noqa: F401  (autouse fixtures)
@@ -18,7 +18,7 @@ from train.data import EvaluationEpisodes, build_source
 from train.evaluate import resize_ground_truth
 from train.model_card import update_model_card
 
-pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
+pytestmark = needs_camvid
 
 
 def evaluate_argv(pretrained, output, *extra) -> list[str]:

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
-from tests.fixtures_data import CAMVID
+from tests.fixtures_data import CAMVID, needs_camvid
 from tests.tiny_models import RESOLUTION, tiny_pipeline
 from tests.training_runs import TRAIN_RESOLUTION
 from tests.training_runs import single_thread  # noqa: F401  (autouse fixtures)
 from train.data import TrainingEpisodes, build_source
 from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes, episodes_to_pixels
 
-pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
+pytestmark = needs_camvid
 
 
 @pytest.fixture(scope="module")

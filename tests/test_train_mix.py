@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from accelerate import Accelerator
 
-from tests.fixtures_data import CAMVID
+from tests.fixtures_data import CAMVID, needs_camvid
 from tests.tiny_models import save_tiny_pipeline
 from tests.training_runs import reset_accelerate, run_train, train_argv
 from tests.training_runs import index_cache, single_thread  # noqa: F401  (autouse fixtures)
 from train.data.synthetic import HELD_OUT_IDS, TRAIN_IDS
 from train.train import build_loader, parse_args
 
-pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
+pytestmark = needs_camvid
 
 BASE = ["--pretrained", "p", "--dataset", "camvid", "--data-root", str(CAMVID), "--output-dir", "o", "--fold", "0"]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.fixtures_data import CAMVID
+from tests.fixtures_data import CAMVID, needs_camvid
 from tests.tiny_models import RESOLUTION
 from tests.training_runs import (
     distance,
@@ -19,7 +19,7 @@ from tests.training_runs import (
 )
 from tests.training_runs import single_thread  # noqa: F401  (autouse fixtures)
 
-pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
+pytestmark = needs_camvid
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """CamVid (11 classes), the small real dataset of the project's tests and learning benchmark.
 
-Layout (``root``, e.g. ``/work/shared/data/camvid``; read only, never copied)::
+Layout (``root``, e.g. ``../shared/data/camvid``; read only, never copied)::
 
     root/{train,val}/images/<stem>.jpg
     root/{train,val}/labels/<stem>.png   8-bit class ids 0..10, 11 = Unlabelled
