@@ -8,14 +8,13 @@ from PIL import Image
 from train.data.base import FewShotSource
 from train.data.episodes import (
     Episode,
-    EpisodePlan,
     EvaluationEpisodes,
     TrainingEpisodes,
     collate_episodes,
     draw_plan_specs,
-    fold_class_ids,
     sample_training_episode,
 )
+from train.data.protocol import EpisodePlan, fold_class_ids
 
 
 class MemSource(FewShotSource):

@@ -21,7 +21,8 @@ from tests.fixtures_data import (
     shuffle_hsnet_pascal_splits,
 )
 from train.data import EvaluationEpisodes, build_source
-from train.data.episodes import EpisodePlan, draw_plan_specs, reference_choice
+from train.data.episodes import draw_plan_specs, reference_choice
+from train.data.protocol import EpisodePlan
 
 
 @pytest.fixture(autouse=True)

@@ -20,16 +20,16 @@ from .episodes import (
     collate_episodes,
     draw_evaluation_specs,
     draw_training_spec,
-    fold_class_ids,
     load_episode,
     sample_training_episode,
 )
 from .incontext import ConcatSource
+from .protocol import EpisodePlan, fold_class_ids
 from .registry import SOURCES, build_source
 
 __all__ = [
     "IGNORE", "FewShotSource", "IndexedSource", "Episode", "EpisodeSpec", "EvaluationEpisodes",
     "StepBatchSampler", "TrainingEpisodes", "collate_episodes", "draw_evaluation_specs",
     "draw_training_spec", "fold_class_ids", "load_episode", "sample_training_episode",
-    "ConcatSource", "SOURCES", "build_source",
+    "ConcatSource", "EpisodePlan", "SOURCES", "build_source",
 ]

@@ -28,13 +28,12 @@ import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .episodes import EpisodePlan
+from .protocol import EpisodePlan, fold_class_ids
 
 IGNORE = 255
 """Mask value of pixels that no metric or loss should count."""
@@ -88,7 +87,7 @@ class FewShotSource(abc.ABC):
         """
         return None
 
-    def evaluation_plan(self, shots: int) -> "EpisodePlan":
+    def evaluation_plan(self, shots: int) -> EpisodePlan:
         """How the benchmark's reference code draws its test episodes (protocol ``"hsnet"``).
 
         This default is HSNet's COCO-20i loop on this source: the class is drawn among the
@@ -100,10 +99,8 @@ class FewShotSource(abc.ABC):
         Args:
             shots: supports per episode (Matcher's LVIS-92i folds depend on it).
         Returns:
-            a :class:`train.data.episodes.EpisodePlan`.
+            a :class:`train.data.protocol.EpisodePlan`.
         """
-        from .episodes import EpisodePlan  # local import: episodes imports nothing from here
-
         classes = self.usable_classes(2)
         if not classes:
             raise ValueError(f"{self.name}: no class has the 2 images (a query and another image) an "
@@ -216,12 +213,10 @@ def select_fold_classes(
     """Classes served for ``fold``/``mode`` out of the benchmark's ``all_ids``.
 
     ``fold=None``: every class (``mode`` is then only validated). Otherwise the fold
-    split of :func:`train.data.episodes.fold_class_ids` is applied to the positions of
+    split of :func:`train.data.protocol.fold_class_ids` is applied to the positions of
     ``all_ids`` (which are contiguous ids 0..n-1 for every benchmark here): ``mode="train"``
     gives the fold's training classes, ``mode="test"`` its held-out classes.
     """
-    from .episodes import fold_class_ids  # local import: episodes imports nothing from here
-
     check_mode(mode)
     all_ids = sorted(int(c) for c in all_ids)
     if fold is None:

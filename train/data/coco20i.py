@@ -58,7 +58,7 @@ from .base import (
     require_file,
     scan_label_index,
 )
-from .episodes import EpisodePlan
+from .protocol import EpisodePlan
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",

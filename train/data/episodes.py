@@ -1,4 +1,4 @@
-"""Fold splits and few-shot episodes (evaluation and training).
+"""Few-shot episodes (evaluation and training).
 
 Everything here works on any :class:`train.data.base.FewShotSource`.
 
@@ -29,53 +29,18 @@ exactly; see its docstring.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import FewShotSource
+from .base import FewShotSource
+from .protocol import EpisodePlan
 
-FOLD_RULES = ("interleaved", "consecutive")
 PROTOCOLS = ("hsnet", "distinct")
-QUERY_RULES = ("listed", "drawn", "cycled")
 SHOTS_STREAM = 2**32 - 1
 """Last word of the seed of the per-step shots draw (never an episode index)."""
-
-
-# ---------------------------------------------------------------------- folds
-
-
-def fold_class_ids(num_classes: int, fold: int, num_folds: int, rule: str) -> tuple[list[int], list[int]]:
-    """Split class ids ``0 .. num_classes - 1`` into a fold's (train, test) ids.
-
-    Args:
-        num_classes: number of classes (> 0).
-        fold: fold index in ``0 .. num_folds - 1``.
-        num_folds: number of folds (>= 2, <= num_classes).
-        rule: ``"interleaved"``: test = ``{fold + num_folds * k}`` (COCO-20i: 80 classes,
-            4 folds; LVIS-92i: 10 folds; CamVid: 11 classes, 4 folds).
-            ``"consecutive"``: test = ``fold * n // num_folds .. (fold + 1) * n // num_folds - 1``
-            (PASCAL-5i: 20 classes, 4 folds -> ``{5f, .., 5f + 4}``).
-    Returns:
-        ``(train_ids, test_ids)``: two sorted, disjoint lists covering all classes.
-    """
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(num_folds, (int, np.integer)) or not 2 <= num_folds <= num_classes:
-        raise ValueError(f"num_folds must be an integer in 2..num_classes={num_classes}, got {num_folds!r}")
-    if not isinstance(fold, (int, np.integer)) or not 0 <= fold < num_folds:
-        raise ValueError(f"fold must be an integer in 0..{num_folds - 1}, got {fold!r}")
-    if rule == "interleaved":
-        test = list(range(int(fold), int(num_classes), int(num_folds)))
-    elif rule == "consecutive":
-        test = list(range(fold * num_classes // num_folds, (fold + 1) * num_classes // num_folds))
-    else:
-        raise ValueError(f"rule must be one of {FOLD_RULES}, got {rule!r}")
-    held = set(test)
-    return [c for c in range(num_classes) if c not in held], test
 
 
 # ---------------------------------------------------------------------- episodes
@@ -119,7 +84,7 @@ class EpisodeSpec(NamedTuple):
     support_keys: tuple[str, ...]
 
 
-def load_episode(source: "FewShotSource", spec: EpisodeSpec) -> Episode:
+def load_episode(source: FewShotSource, spec: EpisodeSpec) -> Episode:
     """Load the images and masks of ``spec`` from ``source``."""
     supports = [source.load_mask(k, spec.class_id) for k in spec.support_keys]
     return Episode(
@@ -151,7 +116,7 @@ def _check_shots(shots) -> int:
     return int(shots)
 
 
-def _usable_or_raise(source: "FewShotSource", shots: int) -> list[int]:
+def _usable_or_raise(source: FewShotSource, shots: int) -> list[int]:
     ids = source.usable_classes(1 + shots)
     if not ids:
         raise ValueError(
@@ -162,46 +127,6 @@ def _usable_or_raise(source: "FewShotSource", shots: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True)
-class EpisodePlan:
-    """How a benchmark's reference code draws its test episodes (read by :func:`draw_plan_specs`).
-
-    Attributes:
-        query_rule: ``"listed"``: episode ``i``'s query and class are ``queries[i % len(queries)]``
-            (HSNet's PASCAL-5i and FSS-1000); ``"drawn"``: the class is drawn from
-            ``classes``, then the query from its pool (HSNet's COCO-20i);
-            ``"cycled"``: the class is ``classes[i % len(classes)]``, the query is drawn
-            from its pool (Matcher's LVIS-92i).
-        classes: the scored classes, in the reference's order (``"drawn"`` draws from this
-            list, ``"cycled"`` walks it). mIoU averages over all of them.
-        pools: ``{class_id: image keys}`` in the reference's order, duplicates kept: the
-            list supports (and drawn queries) are drawn from.
-        queries: ``((key, class_id), ...)`` for ``"listed"``, in the reference's order.
-        num_episodes: the reference's number of episodes (HSNet: 1000, FSS-1000: every
-            test image once, Matcher's LVIS-92i: 2300).
-        reference: the reference loader, e.g. ``"HSNet data/pascal.py"``.
-    """
-
-    query_rule: str
-    classes: tuple[int, ...]
-    pools: Mapping[int, Sequence[str]]
-    num_episodes: int
-    reference: str
-    queries: tuple[tuple[str, int], ...] = ()
-
-    def __post_init__(self):
-        if self.query_rule not in QUERY_RULES:
-            raise ValueError(f"query_rule must be one of {QUERY_RULES}, got {self.query_rule!r}")
-        if not self.classes:
-            raise ValueError(f"{self.reference}: the plan has no class to score")
-        if self.query_rule == "listed" and not self.queries:
-            raise ValueError(f"{self.reference}: a 'listed' plan needs queries")
-        needed = {int(c) for c in self.classes} | {int(c) for _, c in self.queries}
-        missing = sorted(needed - {int(c) for c in self.pools})
-        if missing:
-            raise ValueError(f"{self.reference}: no image pool for class(es) {missing}")
 
 
 def reference_choice(rng: np.random.RandomState, pool: Sequence) -> int:
@@ -257,7 +182,7 @@ def draw_plan_specs(plan: EpisodePlan, shots: int, num_episodes: int | None = No
     return specs
 
 
-def draw_distinct_specs(source: "FewShotSource", shots: int, num_episodes: int = 1000,
+def draw_distinct_specs(source: FewShotSource, shots: int, num_episodes: int = 1000,
                         seed: int = 0) -> list[EpisodeSpec]:
     """The ``"distinct"`` protocol (see the module docstring)."""
     shots = _check_shots(shots)
@@ -292,7 +217,7 @@ def _check_protocol(protocol) -> str:
 
 
 def draw_evaluation_specs(
-    source: "FewShotSource", shots: int, num_episodes: int | None = None, seed: int = 0,
+    source: FewShotSource, shots: int, num_episodes: int | None = None, seed: int = 0,
     protocol: str = "hsnet",
 ) -> list[EpisodeSpec]:
     """The fixed episode sequence of ``source`` (see the module docstring).
@@ -334,7 +259,7 @@ class EvaluationEpisodes(torch.utils.data.Dataset):
     repeats episodes to pad, which would count them twice in the metric.
     """
 
-    def __init__(self, source: "FewShotSource", shots: int, num_episodes: int | None = None, seed: int = 0,
+    def __init__(self, source: FewShotSource, shots: int, num_episodes: int | None = None, seed: int = 0,
                  protocol: str = "hsnet"):
         self.source = source
         self.shots = _check_shots(shots)
@@ -372,7 +297,7 @@ class EvaluationEpisodes(torch.utils.data.Dataset):
 
 
 def draw_training_spec(
-    source: "FewShotSource",
+    source: FewShotSource,
     shots: int,
     rng: np.random.Generator,
     class_ids: Sequence[int] | None = None,
@@ -399,7 +324,7 @@ def draw_training_spec(
 
 
 def sample_training_episode(
-    source: "FewShotSource",
+    source: FewShotSource,
     shots: int,
     rng: np.random.Generator,
     class_ids: Sequence[int] | None = None,
@@ -445,7 +370,7 @@ class TrainingEpisodes(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        source: "FewShotSource",
+        source: FewShotSource,
         max_shots: int,
         batch_size: int,
         seed: int = 0,

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .base import IndexedSource, check_mode, check_split, load_rgb, require_dir, require_file
-from .episodes import EpisodePlan
+from .protocol import EpisodePlan
 
 HSNET_SPLITS = {"train": "trn", "val": "val", "test": "test"}
 LAYOUT = (

@@ -44,7 +44,7 @@ from PIL import Image
 
 from .base import IndexedSource, check_mode, check_split, load_rgb, require_dir, require_file
 from .coco20i import InstanceAnnotations, decode_segmentation, load_json, safe_load_pickle
-from .episodes import EpisodePlan
+from .protocol import EpisodePlan
 
 LAYOUT = (
     "  <root>/lvis_v1_{train,val}.json (or <root>/annotations/lvis_v1_{train,val}.json)\n"

@@ -43,7 +43,7 @@ from .base import (
     require_file,
     scan_label_index,
 )
-from .episodes import EpisodePlan
+from .protocol import EpisodePlan
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
