@@ -4,7 +4,8 @@
 # transformers); exporting ModelMixin lets `DiffewSPipeline.from_pretrained` load the UNet from this package.
 from diffusers import ModelMixin  # noqa: F401
 
-from .pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSPipelineOutput, DiffewSSupport
+from .image_processor_diffews import DiffewSImageProcessor, SupportSet, load_mask, read_support_set
+from .pipeline_diffews import DiffewSPipeline, DiffewSPipelineOutput, DiffewSSupport
 from .unet_diffews import DiffewSAttnProcessor, DiffewSUNet2DConditionModel, SupportKeyValues
 
 __all__ = [
@@ -15,7 +16,10 @@ __all__ = [
     "DiffewSSupport",
     "DiffewSUNet2DConditionModel",
     "SupportKeyValues",
+    "SupportSet",
+    "load_mask",
     "load_pipeline",
+    "read_support_set",
     "resolve_model",
 ]
 

