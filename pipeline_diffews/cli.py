@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert_official, hub, init_from_sd, official, segment
+from . import convert_official, init_from_sd, official, publish, segment
 
 COMMANDS = {
     "segment": (segment, "segment images, folders, globs and videos with one set of examples"),
-    "download": (official, "download, convert and cache the authors' checkpoint NAME (incontext, coco-fold0..3)"),
-    "publish": (hub, "push a converted pipeline with its code and model card to the Hub"),
+    "download": (official, f"download, convert and cache the authors' checkpoint NAME ({official.official_names()})"),
+    "publish": (publish, "push a converted pipeline with its code and model card to the Hub"),
     "convert-official": (convert_official, "convert the authors' fine-tuned UNet into a DiffewS pipeline folder"),
     "init-from-sd": (init_from_sd, "make an untrained DiffewS pipeline from Stable Diffusion 2.1 (to train)"),
 }
@@ -43,12 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parses `argv` (default: sys.argv[1:]) and runs the command. Returns the exit code."""
     args = build_parser().parse_args(argv)
     module, _ = COMMANDS[args.command]
-    if getattr(args, "model", None) is not None:  # an official name becomes its cached folder
-        try:
-            args.model = official.resolve_model(args.model)
-        except Exception as error:  # noqa: BLE001 - a missing client, no network, an unexpected checkpoint...
-            print(f"error: --model {args.model}: cannot get it ({type(error).__name__}: {error})", file=sys.stderr)
-            return 2
     return module.run(args)
 
 

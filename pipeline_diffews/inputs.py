@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +19,7 @@ import PIL.ImageOps
 IMAGE_EXTENSIONS = frozenset({".bmp", ".gif", ".jfif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"})
 VIDEO_EXTENSIONS = frozenset({".avi", ".flv", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".ts", ".webm", ".wmv"})
 GLOB_CHARACTERS = frozenset("*?[")
+MASK_SUFFIX = "_mask"  # an example set: NAME.png + NAME_mask.png (any image extensions)
 
 
 class InputError(ValueError):
@@ -101,6 +103,47 @@ def _relative_to_root(path: Path, root: Path) -> Path:
 
 def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def find_support_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
+    """The examples of an example-set folder, as the demo exports it: (image, mask) per NAME, in natural order of NAME.
+
+    The folder holds `NAME.<ext>` + `NAME_mask.<ext>` pairs, any number, with image extensions (not necessarily the
+    same for both); hidden files and other files are ignored. Raises InputError naming the file for an image without
+    a mask, a mask without an image, or two files for one NAME, and for a missing or empty folder.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"--support-dir {folder}: no such folder.")
+    images: dict[str, list[Path]] = {}
+    masks: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if path.stem.lower().endswith(MASK_SUFFIX):
+            masks.setdefault(path.stem[: -len(MASK_SUFFIX)], []).append(path)
+        else:
+            images.setdefault(path.stem, []).append(path)
+    if not images and not masks:
+        raise InputError(f"--support-dir {folder}: no examples in it (expected image + mask pairs: NAME.png and "
+                         f"NAME{MASK_SUFFIX}.png).")
+    for name, paths in sorted({**images, **masks}.items()):
+        for group in (images.get(name, []), masks.get(name, [])):
+            if len(group) > 1:
+                raise InputError(f"--support-dir {folder}: {group[0].name} and {group[1].name} are two files for one "
+                                 "example: keep one.")
+        if name not in masks:
+            raise InputError(f"--support-dir {folder}: {images[name][0].name} has no mask (expected "
+                             f"{name}{MASK_SUFFIX}.png beside it).")
+        if name not in images:
+            raise InputError(f"--support-dir {folder}: {masks[name][0].name} is a mask without its image ({name}.png, "
+                             f".jpg, ...).")
+    return [(images[name][0], masks[name][0]) for name in sorted(images, key=_natural_key)]
+
+
+def _natural_key(text: str) -> list:
+    """`shot2` before `shot10`."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
 
 
 def read_image(path: str | Path) -> PIL.Image.Image:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -23,8 +24,20 @@ import tempfile
 from pathlib import Path
 
 import huggingface_hub
+import torch
+from diffusers.utils import logging as diffusers_logging
 from filelock import FileLock
-from huggingface_hub import EvalResult
+from huggingface_hub import EvalResult, constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
 from .checkpoints import WEIGHT_NAME, CheckpointError, command_main, find_unet_folder
 from .convert_official import convert
@@ -147,6 +160,11 @@ def is_pipeline_folder(folder: str | Path) -> bool:
     return (Path(folder) / "model_index.json").is_file()
 
 
+def official_names() -> str:
+    """The official names, for messages and help texts: "incontext, coco-fold0, coco-fold1, ..."."""
+    return ", ".join(OFFICIAL_MODELS)
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """The folder or Hub repo id to load for `name_or_path`: the one function that gives the official names meaning.
 
@@ -161,13 +179,103 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     return text
 
 
-def load_pipeline(name_or_path: str | os.PathLike, **kwargs) -> DiffewSPipeline:
-    """`DiffewSPipeline.from_pretrained` that also takes the official names (`resolve_model`); kwargs go through.
+# ---------------------------------------------------------------------------------------------- loading
 
-    The pipeline class itself takes folders and Hub ids only: its file travels alone to the Hub (remote code), so it
-    cannot depend on this package's download code.
+
+class ModelNotFoundError(ValueError):
+    """A model value names no official model, no pipeline folder, and no Hub repository that could be fetched.
+
+    Its message is one line that starts with the value.
     """
-    return DiffewSPipeline.from_pretrained(resolve_model(name_or_path), **kwargs)
+
+
+# What a Hub download raises when the repository cannot be fetched (missing, private, unreachable, offline).
+HUB_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Raises ModelNotFoundError, without any network access, when `name_or_path` (after `resolve_model`) cannot be
+    loaded: a folder without `model_index.json`, a file, a value that is plainly a local path (it starts with `.`,
+    `/` or `~`, or its first part is an existing folder, as `examples/no-such-model`) but no folder, or a value that
+    cannot be a Hub repository id. A Hub id passes (whether it exists is only known by asking the Hub)."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not is_pipeline_folder(path):
+            raise ModelNotFoundError(f"{text}: this folder holds no saved pipeline (no model_index.json).")
+        return
+    if path.exists():
+        raise ModelNotFoundError(f"{text}: a file, not a pipeline folder (the folder that holds model_index.json).")
+    parts = Path(text).parts
+    plainly_local = (text.startswith((".", "/", "~", "\\")) or os.path.isabs(text)
+                     or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir()))
+    if plainly_local:
+        raise ModelNotFoundError(f"{text}: no such folder, and not an official model ({official_names()}).")
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"{text}: not an official model ({official_names()}), an existing folder or a Hub repository id "
+            "(OWNER/NAME)."
+        ) from None
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    **kwargs,
+) -> DiffewSPipeline:
+    """THE loader of a DiffewS pipeline, for the command line, the demo, evaluation and user code.
+
+    name_or_path: an official name (downloaded and converted the first time, see `resolve_model`), a saved pipeline
+        folder, or a Hub repository id.
+    dtype: the weights' dtype; None: float16 when `device` is a CUDA device, else float32.
+    device: where to move the pipeline; None leaves it on the CPU.
+    revision: the Hub revision (branch, tag or commit) of a repository id.
+    kwargs: passed to `DiffewSPipeline.from_pretrained`.
+
+    Progress bars are off, for loading and for calls. Raises ModelNotFoundError (a ValueError, one-line message) when
+    the value names nothing that can be loaded: before any network access when it is plainly a local path or cannot
+    be a Hub id; naming the repository id when the Hub could not be reached or does not have it.
+    """
+    source = resolve_model(name_or_path)
+    check_model_source(source)
+    if dtype is None:
+        dtype = torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+    kwargs["dtype"] = dtype
+    if revision is not None:
+        kwargs["revision"] = revision
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = DiffewSPipeline.from_pretrained(source, **kwargs)
+    except HUB_ERRORS as error:
+        if os.path.isdir(source):
+            raise
+        raise ModelNotFoundError(_hub_failure(source, revision, error)) from error
+    finally:
+        diffusers_logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe
+
+
+def _hub_failure(repo_id: str, revision: str | None, error: BaseException) -> str:
+    """The one-line message of a Hub repository id that could not be fetched."""
+    close = difflib.get_close_matches(repo_id, list(OFFICIAL_MODELS), n=1)
+    hint = f" (did you mean the official model {close[0]}?)" if close else ""
+    at = f" at revision {revision}" if revision else ""
+    if isinstance(error, (RepositoryNotFoundError, GatedRepoError)):
+        return (f"{repo_id}: the Hub has no repository of that id{at}, or it is private or gated (log in with "
+                f"`hf auth login`){hint}.")
+    if isinstance(error, RevisionNotFoundError):
+        return f"{repo_id}: the Hub repository has no revision {revision}{hint}."
+    if constants.HF_HUB_OFFLINE:
+        reason = "offline mode is on (HF_HUB_OFFLINE) and the repository is not in the local cache"
+    else:
+        reason = f"{type(error).__name__}"
+    return (f"{repo_id}: not an official model ({official_names()}) or a folder, and the Hub could not be reached "
+            f"to fetch this repository id{at} ({reason}){hint}.")
 
 
 # ---------------------------------------------------------------------------------------------- download

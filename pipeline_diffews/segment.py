@@ -1,10 +1,11 @@
 """`diffews segment`: segment every image of a folder, glob or video with one set of examples.
 
-    diffews segment --model DIR_OR_REPO --support cat.jpg --support-mask cat.png --input photos/ --output masks/
+    diffews segment --model incontext --support cat.jpg --support-mask cat.png --input photos/ --output masks/
+    diffews segment --model incontext --support-dir examples/ --input photos/ --output masks/ --format coco
 
-Several classes at once: a palette (or, with `--multiclass`, grayscale index) PNG as `--support-mask`, whose values
-are class ids (0 = background, 255 = ignored), gives per image an index PNG with the support's palette, and
-OUTPUT/classes.json maps each id to its name (`--classes road,car,person`) and colour.
+Several classes at once: a label map as `--support-mask` (a palette PNG, or a grayscale PNG of class ids below 128;
+0 = background, 255 = ignored) gives per image an index PNG with the support's palette, and OUTPUT/classes.json maps
+each id to its name (`--classes road,car,person`) and colour. `--format coco` also writes OUTPUT/annotations.json.
 
 The supports are encoded once; the queries run in batches. With `accelerate launch -m pipeline_diffews segment ...`
 the batches are dealt out to the processes in turn, so every image is in the same batch as in a one-process run and
@@ -24,7 +25,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .inputs import InputError, VideoFrameReader, discover, iter_video_frames, read_image
+from .coco import COCO_FILE, coco_dataset
+from .image_processor_diffews import load_mask
+from .inputs import InputError, VideoFrameReader, discover, find_support_pairs, iter_video_frames, read_image
+from .official import ModelNotFoundError, load_pipeline, official_names, resolve_model
 from .outputs import OutputConflictError, VideoJob, WorkItem, make_plan
 from .writers import label_map_to_image, mask_to_image, overlay, overlay_classes, save_json, save_png, write_video
 
@@ -34,19 +38,30 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a saved DiffewS pipeline folder or Hub repository id")
+    parser.add_argument("--model", required=True, metavar="NAME_DIR_OR_REPO",
+                        help=f"an official model ({official_names()}: downloaded and converted the first time), a "
+                             "saved DiffewS pipeline folder, or a Hub repository id")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
-    parser.add_argument("--support", action="append", required=True, metavar="IMAGE",
+    parser.add_argument("--support", action="append", default=[], metavar="IMAGE",
                         help="an example image; repeat for several shots, each followed by its --support-mask")
-    parser.add_argument("--support-mask", action="append", required=True, metavar="MASK",
+    parser.add_argument("--support-mask", action="append", default=[], metavar="MASK",
                         help="the mask of the object in the preceding --support (white/alpha/non-zero = object), or a "
-                             "label map: a palette PNG whose indices are class ids (0 = background, 255 = ignored)")
+                             "label map of class ids (0 = background, 255 = ignored): a palette PNG, or a grayscale "
+                             "PNG whose ids are below 128, with several ids or an id other than 1")
+    parser.add_argument("--support-dir", default=None, metavar="DIR",
+                        help="a folder of examples as the demo exports them: NAME.png + NAME_mask.png pairs (any "
+                             "number, any image extensions); its shots come before those of --support")
     parser.add_argument("--multiclass", action="store_true",
-                        help="read every --support-mask as a label map of class ids, even a grayscale PNG or one "
-                             "class (palette PNGs with several classes are read so without it)")
+                        help="read every mask as a label map of class ids, even one the rule above reads as a binary "
+                             "mask (a single class 1, or ids from 128 on)")
     parser.add_argument("--classes", type=_class_names, default=None, metavar="NAMES",
-                        help="names of the classes, for OUTPUT/classes.json: 'road,car,person' names ids 1, 2, 3; "
-                             "'2=car,7=person' names chosen ids. Implies --multiclass")
+                        help="names of the classes, for OUTPUT/classes.json and --format coco: 'road,car,person' names "
+                             "ids 1, 2, 3; '2=car,7=person' names chosen ids; with binary masks one name, the "
+                             "object's")
+    parser.add_argument("--format", choices=("png", "coco"), default="png",
+                        help="png: a mask PNG per image (default); coco: also OUTPUT/annotations.json, a COCO dataset "
+                             "of every image's masks (RLE, one annotation per image and class; video frames are not "
+                             "listed)")
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
                         help="image(s), video(s), folder(s) (searched recursively) or quoted glob pattern(s)")
     parser.add_argument("--output", required=True, help="output folder; masks mirror the inputs' relative paths")
@@ -126,13 +141,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. Inputs and outputs (every process makes the same plan)
     try:
-        if len(args.support) != len(args.support_mask):
-            raise InputError(
-                f"Got {len(args.support)} --support but {len(args.support_mask)} --support-mask: "
-                "give one mask per support image."
-            )
-        support_images = [_read_support(path, "--support", read_image) for path in args.support]
-        support_masks = [_read_support(path, "--support-mask", _read_mask) for path in args.support_mask]
+        pairs = support_pairs(args.support, args.support_mask, args.support_dir)
+        support_images = [_read_support(image, "--support", read_image) for image, _ in pairs]
+        support_masks = [_read_support(mask, "--support-mask", load_mask) for _, mask in pairs]
         sources = []
         for path in args.input:
             sources += discover(path, exclude=args.output)
@@ -149,18 +160,21 @@ def run(args: argparse.Namespace) -> int:
     # 2. The model and the support cache (one support pass)
     start = time.perf_counter()
     load_error = None
-    with state.main_process_first():  # a Hub download happens once
+    with state.main_process_first():  # an official model is downloaded once, a Hub repository fetched once
         try:
-            pipe = load_pipeline(args.model, DTYPES[args.dtype], args.revision).to(device)
-        except Exception as error:  # noqa: BLE001 - a missing folder, an unknown repository, no network, a broken config...
+            model = resolve_model(args.model)
+            pipe = load_pipeline(model, DTYPES[args.dtype], device, args.revision)
+        except ModelNotFoundError as error:  # one line that names the value
+            load_error = InputError(f"--model {error}")
+        except Exception as error:  # noqa: BLE001 - a missing client, a broken config, a failed download...
             load_error = InputError(f"--model {args.model}: cannot load it ({type(error).__name__}: {error}).")
     if load_error is not None:
         return _usage_error(state, load_error)
     try:
         support = pipe.encode_support(support_images, support_masks, processing_resolution=args.processing_resolution,
-                                      multiclass=True if args.multiclass or args.classes else None,
-                                      batch_size=args.batch_size)
+                                      multiclass=True if args.multiclass else None, batch_size=args.batch_size)
         rendering = Rendering.of(support, pipe)
+        categories = class_categories(support, args.classes)
         if rendering.palette is not None and state.is_main_process:
             save_json(class_table(support, rendering.palette, args.classes), Path(args.output) / CLASSES_FILE)
     except (ValueError, TypeError) as error:
@@ -168,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     call = {"support": support, "processing_resolution": support.processing_resolution, "threshold": args.threshold,
             "threshold_mode": args.threshold_mode, "output_type": "np"}
     classes = f", {len(support.class_ids)} class(es)" if support.class_ids is not None else ""
-    say(f"Model {args.model} on {device} ({args.dtype}), {len(support_images)} shot(s){classes}, "
+    say(f"Model {model} on {device} ({args.dtype}), {len(support_images)} shot(s){classes}, "
         f"{len(plan.items)} image(s) to segment, {len(pending)} pending, {state.num_processes} process(es).")
 
     # 3. Queries: batches dealt out to the processes in turn
@@ -185,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     for video in plan.videos[state.process_index :: state.num_processes]:
         _finish_video(video, totals, args.resume, counts, rendering)
     totals = _gather(state, counts)
+    if args.format == "coco" and state.is_main_process:
+        _write_coco(plan.items, rendering, categories, Path(args.output) / COCO_FILE, totals)
 
     say(_summary(totals, work_seconds, time.perf_counter() - start, state.num_processes))
     if state.is_main_process and totals.failures:
@@ -220,33 +236,25 @@ def _device(device: str | None, state) -> torch.device:
     return requested
 
 
+def support_pairs(images: list[str], masks: list[str], folder: str | None) -> list[tuple[str | Path, str | Path]]:
+    """The shots as (image path, mask path): those of `--support-dir` (`find_support_pairs`), then the --support /
+    --support-mask pairs. Raises InputError when the counts differ or there is no shot."""
+    if len(images) != len(masks):
+        raise InputError(
+            f"Got {len(images)} --support but {len(masks)} --support-mask: give one mask per support image."
+        )
+    pairs = list(find_support_pairs(folder)) if folder is not None else []
+    pairs += zip(images, masks)
+    if not pairs:
+        raise InputError("No examples: give --support IMAGE --support-mask MASK (repeatable) or --support-dir DIR.")
+    return pairs
+
+
 def _read_support(path: str, argument: str, reader):
     try:
         return reader(path)
     except Exception as error:
         raise InputError(f"{argument} {path}: cannot read it ({type(error).__name__}: {error}).") from error
-
-
-def _read_mask(path: str) -> PIL.Image.Image:
-    with PIL.Image.open(path) as mask:
-        mask.load()
-        return mask.copy()
-
-
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
-    """A saved DiffewS pipeline (folder or Hub repository id) with its weights in `dtype`, on the CPU, quietly."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from .pipeline_diffews import DiffewSPipeline
-
-    kwargs = {"dtype": dtype} if revision is None else {"dtype": dtype, "revision": revision}
-    diffusers_logging.disable_progress_bar()
-    try:
-        pipe = DiffewSPipeline.from_pretrained(model, **kwargs)
-    finally:
-        diffusers_logging.enable_progress_bar()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @dataclass(frozen=True)
@@ -276,6 +284,34 @@ class Rendering:
         """A mask PNG written by this command -> its result (bool [H, W], or the class ids uint8 [H, W])."""
         with PIL.Image.open(path) as mask:
             return np.asarray(mask.convert("L")) >= 128 if self.palette is None else np.asarray(mask)
+
+
+def class_categories(support, names: dict[int, str] | None) -> list[tuple[int, str]]:
+    """(class id, name) of each class the results hold, for COCO: a multi-class support's ids named by `--classes`,
+    the support's own names, else `class_ID`; for binary masks class 1, named by `--classes` or `object`."""
+    if support.class_ids is None:
+        if names is not None and set(names) != {1}:
+            raise ValueError(
+                f"--classes names {len(names)} class(es) but the support masks are binary (one object): give one "
+                "name, or label maps with class ids."
+            )
+        return [(1, (names or {}).get(1, "object"))]
+    given = dict(zip(support.class_ids, support.class_names or []))
+    return [(c, (names or given).get(c) or f"class_{c}") for c in support.class_ids]
+
+
+def _write_coco(items: list[WorkItem], rendering: Rendering, categories: list[tuple[int, str]], path: Path,
+                totals: Counts) -> None:
+    """OUTPUT/annotations.json from the masks written (still images only), read back so that it says what they say."""
+    entries = []
+    for item in items:
+        if item.frame is None and item.mask_path.exists():
+            result = rendering.read(item.mask_path)
+            entries.append((item.source.relative.as_posix(), result.astype(np.uint8)))
+    try:
+        save_json(coco_dataset(entries, categories), path)
+    except Exception as error:  # noqa: BLE001 - pycocotools missing, or a disk error: reported like a failed output
+        totals.failures.append((path.name, f"cannot write it: {type(error).__name__}: {error}"))
 
 
 def class_table(support, palette: list[int], names: dict[int, str] | None) -> dict:

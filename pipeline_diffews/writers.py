@@ -15,9 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFilter
+
+from .image_processor_diffews import IGNORE_INDEX, DiffewSImageProcessor
 
 OVERLAY_COLOR = (255, 32, 32)
 OVERLAY_ALPHA = 0.5
+# RGB distance below which a tint is lost on the object's mean colour: the tint is then replaced (`contrasting_color`)
+MIN_CONTRAST = 96.0
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")
 
 
@@ -40,37 +45,74 @@ def mask_to_image(mask: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
 
 
-def label_map_to_image(label_map: np.ndarray, palette: list[int]) -> PIL.Image.Image:
-    """Class ids uint8 [H, W] -> palette ("P") image; palette: 768 ints, the RGB colour of ids 0..255."""
-    image = PIL.Image.fromarray(np.asarray(label_map, dtype=np.uint8))
-    image.putpalette(palette)
-    return image
+def label_map_to_image(label_map: np.ndarray, palette: list[int] | None) -> PIL.Image.Image:
+    """Class ids uint8 [H, W] -> palette ("P") image; palette: 768 ints (RGB of ids 0..255), None for the default
+    palette (`DiffewSImageProcessor.default_palette`)."""
+    return DiffewSImageProcessor.label_map_to_image(label_map, palette)
 
 
 def overlay(image: PIL.Image.Image, mask: np.ndarray, color: tuple[int, int, int] = OVERLAY_COLOR,
             alpha: float = OVERLAY_ALPHA) -> PIL.Image.Image:
-    """The image with the object tinted: pixels where mask [H, W] is True become (1 - alpha) * pixel + alpha * color."""
-    return _tint(image, np.asarray(mask, dtype=bool), np.asarray(color, dtype=np.float32), alpha)
+    """The image with the object (mask bool [H, W] True) tinted with `color` and outlined: see `overlay_classes`."""
+    palette = [0, 0, 0, *color] + [0] * (768 - 6)
+    return overlay_classes(image, np.asarray(mask, dtype=bool).astype(np.uint8), palette, alpha)
 
 
-def overlay_classes(image: PIL.Image.Image, label_map: np.ndarray, palette: list[int],
+def overlay_classes(image: PIL.Image.Image, label_map: np.ndarray, palette: list[int] | None = None,
                     alpha: float = OVERLAY_ALPHA) -> PIL.Image.Image:
-    """The image with each class tinted by its colour: a pixel of class k > 0 (label_map [H, W]) becomes
-    (1 - alpha) * pixel + alpha * palette colour k; background (0) is left as it is."""
-    label_map = np.asarray(label_map)
-    colors = np.asarray(palette, dtype=np.float32).reshape(-1, 3)
-    mask = label_map > 0
-    return _tint(image, mask, colors[label_map[mask]], alpha)
+    """The image (RGB, its size) with each class of `label_map` (uint8 [H, W], ids 1..254; 0 = background and 255 =
+    ignored are left as they are) tinted and outlined, so that it stays visible on any colour:
 
-
-def _tint(image: PIL.Image.Image, mask: np.ndarray, colors: np.ndarray, alpha: float) -> PIL.Image.Image:
-    """colors: one RGB [3] for every masked pixel, or [M, 3] for the M pixels where mask [H, W] is True."""
+    - tint: a pixel of class k becomes (1 - alpha) * pixel + alpha * c_k, where c_k is the class's colour (`palette`,
+      768 ints; None: the default palette), or `contrasting_color` of it when that colour is close to the class's
+      mean colour in the image (a red object under a red tint);
+    - outline, 2 px inside the class's border: the outer pixel black or white (whichever stands out from c_k), the
+      inner one c_k at full strength. The two tones differ, so the border shows on any background.
+    """
+    labels = np.asarray(label_map)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    if mask.shape != pixels.shape[:2]:
-        raise ValueError(f"mask is {mask.shape[::-1]} (WxH) but the image is {image.size}: they must match.")
-    tinted = pixels.copy()
-    tinted[mask] = (1 - alpha) * pixels[mask] + alpha * colors
-    return PIL.Image.fromarray(np.round(tinted).astype(np.uint8), mode="RGB")
+    if labels.shape != pixels.shape[:2]:
+        raise ValueError(f"label_map is {labels.shape[::-1]} (WxH) but the image is {image.size}: they must match.")
+    labels = labels.astype(np.uint8)
+    colors = np.asarray(list(palette or DiffewSImageProcessor.default_palette()) + [0] * 768, np.float32)[:768]
+    colors = colors.reshape(256, 3)
+    border_1px, border_2px = _border(labels, 1), _border(labels, 2)
+    out = pixels.copy()
+    for class_id in np.unique(labels):
+        if class_id in (0, IGNORE_INDEX):
+            continue
+        region = labels == class_id
+        tint = contrasting_color(colors[class_id], pixels[region].mean(axis=0))
+        out[region] = (1 - alpha) * pixels[region] + alpha * tint
+        out[region & border_2px] = tint
+        out[region & border_1px] = outline_tone(tint)
+    return PIL.Image.fromarray(np.round(out).astype(np.uint8), mode="RGB")
+
+
+def contrasting_color(color: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """`color` (RGB [3]) when it stands out from `background` (RGB distance >= MIN_CONTRAST), else whichever of its
+    complement (255 - color), black and white is farthest from `background`."""
+    color, background = np.asarray(color, np.float32), np.asarray(background, np.float32)
+    if np.linalg.norm(color - background) >= MIN_CONTRAST:
+        return color
+    candidates = [255 - color, np.zeros(3, np.float32), np.full(3, 255, np.float32)]
+    return max(candidates, key=lambda candidate: float(np.linalg.norm(candidate - background)))
+
+
+def outline_tone(color: np.ndarray) -> np.ndarray:
+    """Black for a light `color` (RGB [3], luma > 140), else white: the outer line of an outline in `color`."""
+    luma = float(np.dot(np.asarray(color, np.float32), (0.299, 0.587, 0.114)))
+    return np.zeros(3, np.float32) if luma > 140 else np.full(3, 255, np.float32)
+
+
+def _border(labels: np.ndarray, width: int) -> np.ndarray:
+    """bool [H, W]: pixels with a pixel of another label within `width` pixels (a (2 width + 1) square); the image's
+    edge is no border."""
+    image = PIL.Image.fromarray(labels)
+    size = 2 * width + 1
+    smallest = np.asarray(image.filter(PIL.ImageFilter.MinFilter(size)))
+    largest = np.asarray(image.filter(PIL.ImageFilter.MaxFilter(size)))
+    return (smallest != labels) | (largest != labels)
 
 
 def save_png(image: PIL.Image.Image, path: str | Path) -> None:

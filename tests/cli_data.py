@@ -69,3 +69,10 @@ def count_video_frames(path: Path) -> int:
 
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+def within(labels: np.ndarray, width: int) -> np.ndarray:
+    """bool [H, W]: pixels whose (2 width + 1) square (clipped at the image's edge) holds another label."""
+    padded = np.pad(labels, width, mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (2 * width + 1, 2 * width + 1))
+    return (windows != labels[..., None, None]).any(axis=(-1, -2))

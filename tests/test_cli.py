@@ -10,7 +10,7 @@ import pytest
 
 from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel
 from pipeline_diffews.cli import main
-from pipeline_diffews.segment import load_pipeline
+from pipeline_diffews.official import load_pipeline
 from tests.cli_data import CORRUPT_IMAGE, GOOD_IMAGES, count_video_frames, write_images, write_support, write_video
 from tests.tiny_models import write_official_unet
 
@@ -153,7 +153,7 @@ def test_glob_several_inputs_and_output_inside_input(saved_pipeline, support, tm
         ("missing", "no such file"),
         ("conflict", "would all write"),
         ("empty_mask", "all background"),
-        ("model", "cannot load it"),
+        ("model", "no_model: no such folder, and not an official model (incontext, coco-fold0"),
     ],
 )
 def test_usage_errors_exit_2(saved_pipeline, support, tmp_path, capsys, case, message):

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline_diffews.inputs import InputError, VideoFrameReader, discover, probe_video
 from pipeline_diffews.outputs import OutputConflictError, make_plan
-from pipeline_diffews.writers import atomic_path, mask_to_image, overlay, save_png, write_video
-from tests.cli_data import count_video_frames, random_image
+from pipeline_diffews.writers import atomic_path, mask_to_image, overlay, overlay_classes, save_png, write_video
+from tests.cli_data import count_video_frames, random_image, within
 from tests.cli_data import write_video as write_test_video
 
 
@@ -74,14 +74,58 @@ def test_atomic_write_leaves_old_file_on_error(tmp_path):
     assert PIL.Image.open(target).size == (5, 3)
 
 
-def test_overlay_tints_only_the_mask():
-    image = PIL.Image.new("RGB", (4, 2), (0, 0, 200))
-    mask = np.zeros((2, 4), bool)
-    mask[0, 1] = True
-    tinted = np.asarray(overlay(image, mask))
-    assert tuple(tinted[0, 1]) == (128, 16, 116) and tuple(tinted[1, 1]) == (0, 0, 200)
+def test_overlay_tints_the_object_and_outlines_it_in_two_tones():
+    image = PIL.Image.new("RGB", (12, 10), (0, 0, 200))
+    mask = np.zeros((10, 12), bool)
+    mask[2:8, 3:10] = True
+    pixels = np.asarray(overlay(image, mask)).astype(int)
+
+    outer, inner = mask & within(mask, 1), mask & within(mask, 2) & ~within(mask, 1)
+    interior = mask & ~within(mask, 2)
+    assert outer.sum() == 22 and inner.sum() == 14 and interior.sum() == 6
+    assert (pixels[~mask] == (0, 0, 200)).all()  # outside: untouched
+    assert (pixels[interior] == (128, 16, 116)).all()  # half the image, half the red
+    assert (pixels[inner] == (255, 32, 32)).all()  # the colour at full strength
+    assert (pixels[outer] == (255, 255, 255)).all()  # a light line beside a dark colour
     with pytest.raises(ValueError, match="must match"):
         overlay(image, mask.T)
+
+
+def test_overlay_on_a_red_object_differs_visibly_from_the_image():
+    """The default tint is red: on a red object it is replaced by a contrasting one, and the outline shows."""
+    base = np.full((40, 50, 3), 120, np.uint8)
+    base[10:30, 12:40] = (210, 25, 30)
+    mask = np.zeros((40, 50), bool)
+    mask[10:30, 12:40] = True
+    image = PIL.Image.fromarray(base)
+    pixels = np.asarray(overlay(image, mask)).astype(int)
+
+    interior = mask & ~within(mask, 2)
+    change = np.abs(pixels - base.astype(int)).sum(axis=-1)  # summed over R, G, B
+    assert change[interior].min() >= 150  # a red tint would change these by about 30
+    assert (change[~mask] == 0).all()
+    outline = mask & within(mask, 1)
+    assert (change[outline] >= 150).all()
+    tones = {tuple(p) for p in pixels[outline]}
+    assert len(tones) == 1 and tones.pop() in {(0, 0, 0), (255, 255, 255)}
+
+
+def test_overlay_classes_outlines_each_class_in_its_colour():
+    palette = [0, 0, 0, 200, 30, 30, 30, 200, 30] + [0] * 759
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:18, 2:14], labels[2:18, 14:28], labels[0, :] = 1, 2, 255  # two classes side by side, an ignored row
+    image = PIL.Image.fromarray(np.full((20, 30, 3), 128, np.uint8))
+    pixels = np.asarray(overlay_classes(image, labels, palette)).astype(int)
+
+    assert (pixels[(labels == 0) | (labels == 255)] == 128).all()
+    for class_id, color in ((1, (200, 30, 30)), (2, (30, 200, 30))):
+        region = labels == class_id
+        interior, inner = region & ~within(labels, 2), region & within(labels, 2) & ~within(labels, 1)
+        np.testing.assert_array_equal(pixels[interior], np.round(0.5 * 128 + 0.5 * np.asarray(color))[None].repeat(
+            interior.sum(), 0))
+        assert (pixels[inner] == color).all()
+        assert (pixels[region & within(labels, 1)] == 255).all()  # white beside these dark colours
+    assert overlay_classes(image, labels).size == image.size  # the default palette
 
 
 def test_video_reader_probe_and_writer(tmp_path):

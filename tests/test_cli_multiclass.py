@@ -9,8 +9,8 @@ import PIL.Image
 import pytest
 
 from pipeline_diffews.cli import main
-from pipeline_diffews.segment import load_pipeline
-from tests.cli_data import random_image
+from pipeline_diffews.official import load_pipeline
+from tests.cli_data import random_image, within
 
 PALETTE = [0, 0, 0, 200, 30, 30, 30, 200, 30, 30, 30, 200] + [0] * 744
 SIZES = {"a.png": (40, 30), "b.png": (28, 36)}  # name -> (width, height)
@@ -70,8 +70,12 @@ def test_palette_support_round_trip(saved_pipeline, label_support, images, tmp_p
         np.testing.assert_allclose(pixels[labels == 0], original[labels == 0])
         for class_id in np.unique(labels[labels > 0]):
             color = np.asarray(PALETTE[3 * class_id : 3 * class_id + 3], np.float32)
-            blended = np.round(0.5 * original[labels == class_id] + 0.5 * color)
-            np.testing.assert_allclose(pixels[labels == class_id], blended, atol=1)
+            region = labels == class_id
+            interior = region & ~within(labels, 2)  # inside the 2-px outline: the tint (these colours contrast with
+            blended = np.round(0.5 * original[interior] + 0.5 * color)  # the random images' grey mean)
+            np.testing.assert_allclose(pixels[interior], blended, atol=1)
+            assert (pixels[region & within(labels, 2) & ~within(labels, 1)] == color).all()  # the outline
+            assert (pixels[region & within(labels, 1)] == 255).all()  # its light outer line
 
 
 def test_unnamed_classes_and_forced_label_map(saved_pipeline, images, tmp_path):
