@@ -11,13 +11,9 @@ import pytest
 from tests.fixtures_data import write_jpeg, write_png
 from train import evaluate
 from train.data import build_source
-from train.multiclass_eval import (
-    SemanticSegmentationIoU,
-    draw_episodes,
-    label_map,
-    load_episode,
-    merge_class_masks,
-)
+from train.data.episodes import draw_multiclass_specs, label_map, load_multiclass_episode
+from train.evaluate import merge_class_masks
+from train.metrics import SemanticSegmentationIoU
 
 H, W = 24, 32
 SKY, BUILDING, PAVEMENT, CAR, UNLABELLED = 0, 1, 4, 8, 11  # fold 0 tests Sky, Pavement and Car
@@ -79,15 +75,15 @@ def test_episode_label_maps_hold_the_folds_classes(source, camvid):
     expected = np.select([raw == SKY, raw == PAVEMENT, raw == CAR, raw == UNLABELLED], [1, 2, 3, 255], 0)
     np.testing.assert_array_equal(labels, expected)
 
-    episodes = draw_episodes(source, shots=1, num_episodes=None, seed=0)
+    episodes = draw_multiclass_specs(source, shots=1, num_episodes=None, seed=0)
     assert sorted(q for q, _ in episodes) == [f"f{i:03d}" for i in range(6)]  # every image once as the query
     assert all(q not in s and len(s) == 1 for q, s in episodes)
-    assert episodes == draw_episodes(source, 1, None, 0) and len(draw_episodes(source, 2, 9, 0)) == 9
+    assert episodes == draw_multiclass_specs(source, 1, None, 0) and len(draw_multiclass_specs(source, 2, 9, 0)) == 9
     # A support without a car: the query's car pixels are background in that episode.
-    episode = load_episode(source, "f000", ["f001"])
+    episode = load_multiclass_episode(source, "f000", ["f001"])
     assert episode.shown == [1, 2]
     assert not (episode.query_labels == 3).any() and (episode.query_labels[raw == CAR] == 0).all()
-    assert load_episode(source, "f000", ["f002"]).shown == [1, 2, 3]
+    assert load_multiclass_episode(source, "f000", ["f002"]).shown == [1, 2, 3]
 
 
 def test_multiclass_run_writes_json(saved_pipeline, camvid, tmp_path, capsys):

@@ -1,4 +1,7 @@
-"""HSNet's few-shot segmentation metric (mIoU and FB-IoU), as a torchmetrics Metric.
+"""The IoU metrics of the evaluation: HSNet's few-shot metric and semantic segmentation's, as torchmetrics.
+
+:class:`FewShotSegmentationMetric` scores one-class episodes (mIoU and FB-IoU);
+:class:`SemanticSegmentationIoU` scores label maps of several classes (``--multiclass``).
 
 For every class ``c`` the metric pools, over all episodes of ``c``, the foreground
 intersection and union and the background intersection and union (ignore pixels, gt ==
@@ -17,6 +20,11 @@ States are per-class count vectors reduced with ``sum``, so under torch.distribu
 ``compute()`` gathers all processes' episodes (each process must have seen disjoint
 episodes, e.g. ``EvaluationEpisodes.shard``), and ``merge_state`` combines two metrics.
 No logging happens here.
+
+Label maps (:class:`SemanticSegmentationIoU`): one confusion matrix over (background + K
+classes), pooled over every image, ``IoU_c = TP / (TP + FP + FN)``; a class an image lacks
+still costs false positives where it is predicted; mIoU = mean over the classes 1..K with a
+non-empty union.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 IGNORE = 255
 
@@ -119,4 +128,50 @@ class FewShotSegmentationMetric(Metric):
             "fb_iou": float((fg + bg) / 2 * 100),
             "per_class": {int(c): float(v) for c, v in zip(seen.tolist(), iou.tolist())},
             "episodes": episodes,
+        }
+
+
+class SemanticSegmentationIoU:
+    """Per-class IoU from one confusion matrix pooled over all images (torchmetrics' MulticlassConfusionMatrix).
+
+    Args:
+        num_labels: K + 1 (label 0 = background, 1..K = classes); label 255 is ignored.
+    """
+
+    def __init__(self, num_labels: int):
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an integer >= 2 (background + classes), got {num_labels!r}")
+        self.num_labels = num_labels
+        self.matrix = MulticlassConfusionMatrix(num_classes=num_labels, ignore_index=IGNORE)
+        self.images = 0
+
+    def update(self, prediction: np.ndarray, truth: np.ndarray) -> None:
+        """prediction: integer label map [H, W] in 0..K. truth: uint8 [H, W] in 0..K or 255 (ignored)."""
+        prediction, truth = np.asarray(prediction), np.asarray(truth)
+        if prediction.shape != truth.shape or prediction.ndim != 2:
+            raise ValueError(f"prediction and truth must be label maps [H, W] of one shape, got {prediction.shape} "
+                             f"and {truth.shape}")
+        for name, labels in (("prediction", prediction), ("truth", truth)):
+            bad = (labels >= self.num_labels) & (labels != IGNORE) | (labels < 0)
+            if bad.any():
+                raise ValueError(f"{name} holds labels {np.unique(labels[bad]).tolist()} outside 0..{self.num_labels - 1}")
+        if (prediction == IGNORE).any():
+            raise ValueError("prediction must not hold the ignore label 255")
+        self.matrix.update(torch.from_numpy(prediction.astype(np.int64)).flatten(),
+                           torch.from_numpy(truth.astype(np.int64)).flatten())
+        self.images += 1
+
+    def compute(self) -> dict:
+        """{"iou": [IoU of label 0..K] (x100, NaN for an empty union), "miou": mean over labels 1..K that have a
+        union (x100), "background_iou", "images"}."""
+        matrix = self.matrix.compute().double()  # [truth, prediction]
+        true_positive = matrix.diag()
+        union = matrix.sum(0) + matrix.sum(1) - true_positive
+        iou = torch.where(union > 0, true_positive / union.clamp(min=1) * 100, torch.tensor(float("nan")))
+        classes = iou[1:][union[1:] > 0]
+        return {
+            "iou": iou.tolist(),
+            "miou": float(classes.mean()) if classes.numel() else float("nan"),
+            "background_iou": float(iou[0]),
+            "images": self.images,
         }

@@ -15,6 +15,8 @@ from .episodes import (
     Episode,
     EpisodeSpec,
     EvaluationEpisodes,
+    MulticlassEpisode,
+    MulticlassEpisodes,
     StepBatchSampler,
     TrainingEpisodes,
     collate_episodes,
@@ -29,6 +31,7 @@ from .registry import SOURCES, build_source
 
 __all__ = [
     "IGNORE", "FewShotSource", "IndexedSource", "Episode", "EpisodeSpec", "EvaluationEpisodes",
+    "MulticlassEpisode", "MulticlassEpisodes",
     "StepBatchSampler", "TrainingEpisodes", "collate_episodes", "draw_evaluation_specs",
     "draw_training_spec", "fold_class_ids", "load_episode", "sample_training_episode",
     "ConcatSource", "EpisodePlan", "SOURCES", "build_source",

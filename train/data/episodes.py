@@ -21,6 +21,10 @@ Two protocols:
   while equal to the query or to an already chosen support (``a[rng.randint(len(a))]``
   draws), among the classes with ``1 + shots`` images. This is not any paper's sequence.
 
+Several classes: :class:`MulticlassEpisodes` draws episodes whose query and supports carry
+label maps of all the source's classes (the ``--multiclass`` evaluation): every image holding
+one of the classes once as the query, in a seeded order, with supports drawn among the others.
+
 Training: :class:`TrainingEpisodes` is a map-style dataset whose item ``index`` is a pure
 function of ``(seed, index)``, so it can be sharded, shuffled across workers, and resumed
 exactly; see its docstring.
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import FewShotSource
+from .base import IGNORE, FewShotSource
 from .protocol import EpisodePlan
 
 PROTOCOLS = ("hsnet", "distinct")
@@ -232,7 +236,34 @@ def draw_evaluation_specs(
     return draw_plan_specs(source.evaluation_plan(_check_shots(shots)), shots, num_episodes, seed)
 
 
-class EvaluationEpisodes(torch.utils.data.Dataset):
+class FixedEpisodes(torch.utils.data.Dataset):
+    """A sequence of evaluation episodes drawn up front (``specs``), loaded one by one, shardable.
+
+    Several processes: take ``ds.shard(rank, world_size)`` (disjoint, together all
+    episodes, no padding). Do NOT let ``accelerator.prepare`` shard it with the default
+    ``even_batches=True``: when the number of episodes is not a multiple of the world size it
+    repeats episodes to pad, which would count them twice in the metric.
+    """
+
+    specs: list
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def shard_indices(self, rank: int, world_size: int) -> list[int]:
+        """Episode indices of process ``rank``: ``rank, rank + world_size, ...``."""
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in 0..{world_size - 1}, got {rank!r}")
+        return list(range(rank, len(self), world_size))
+
+    def shard(self, rank: int, world_size: int) -> torch.utils.data.Subset:
+        """The episodes of process ``rank`` out of ``world_size`` (disjoint, no padding)."""
+        return torch.utils.data.Subset(self, self.shard_indices(rank, world_size))
+
+
+class EvaluationEpisodes(FixedEpisodes):
     """The fixed evaluation episodes of one fold.
 
     Args:
@@ -251,12 +282,7 @@ class EvaluationEpisodes(torch.utils.data.Dataset):
             an episode counting 0 (HSNet).
 
     ``__getitem__(i)`` loads episode ``i`` as an :class:`Episode`. Use
-    ``collate_fn=collate_episodes`` in a DataLoader.
-
-    Several processes: take ``ds.shard(rank, world_size)`` (disjoint, together all
-    episodes, no padding). Do NOT let ``accelerator.prepare`` shard it with the default
-    ``even_batches=True``: when ``num_episodes`` is not a multiple of the world size it
-    repeats episodes to pad, which would count them twice in the metric.
+    ``collate_fn=collate_episodes`` in a DataLoader; several processes: see :class:`FixedEpisodes`.
     """
 
     def __init__(self, source: FewShotSource, shots: int, num_episodes: int | None = None, seed: int = 0,
@@ -274,23 +300,119 @@ class EvaluationEpisodes(torch.utils.data.Dataset):
             self.specs = draw_distinct_specs(source, self.shots, 1000 if num_episodes is None else num_episodes, seed)
             self.class_ids = source.usable_classes(1 + self.shots)
 
-    def __len__(self) -> int:
-        return len(self.specs)
-
     def __getitem__(self, index: int) -> Episode:
         return load_episode(self.source, self.specs[index])
 
-    def shard_indices(self, rank: int, world_size: int) -> list[int]:
-        """Episode indices of process ``rank``: ``rank, rank + world_size, ...``."""
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an integer in 0..{world_size - 1}, got {rank!r}")
-        return list(range(rank, len(self), world_size))
 
-    def shard(self, rank: int, world_size: int) -> torch.utils.data.Subset:
-        """The episodes of process ``rank`` out of ``world_size`` (disjoint, no padding)."""
-        return torch.utils.data.Subset(self, self.shard_indices(rank, world_size))
+# ---------------------------------------------------------------------- several classes
+
+
+@dataclass
+class MulticlassEpisode:
+    """One episode with several classes: label maps of the source's classes.
+
+    Attributes:
+        query_image: RGB ``PIL.Image`` (H x W).
+        query_labels: uint8 (H, W): 0 background, ``k + 1`` = ``class_ids[k]``, 255 ignore;
+            classes that no support shows are 0 (the model was not asked for them).
+        support_images: ``shots`` RGB images (each its own size).
+        support_labels: ``shots`` uint8 label maps (H_i, W_i), same coding.
+        class_ids: the source's class ids of labels ``1 .. len(class_ids)``.
+        query_key / support_keys: the source's image keys.
+    """
+
+    query_key: str
+    query_image: Image.Image
+    query_labels: np.ndarray
+    support_keys: list[str]
+    support_images: list[Image.Image]
+    support_labels: list[np.ndarray]
+    class_ids: list[int]
+
+    @property
+    def shots(self) -> int:
+        return len(self.support_images)
+
+    @property
+    def shown(self) -> list[int]:
+        """The labels (1..K) shown in at least one support, ascending."""
+        values = np.unique(np.concatenate([np.unique(m) for m in self.support_labels]))
+        return [int(v) for v in values if 0 < v < IGNORE]
+
+
+def label_map(source: FewShotSource, key: str, class_ids: Sequence[int]) -> np.ndarray:
+    """uint8 (H, W) of image ``key``: ``k + 1`` where ``class_ids[k]`` is, 255 where the source ignores, else 0."""
+    labels = None
+    for k, class_id in enumerate(class_ids):
+        mask = source.load_mask(key, class_id)  # uint8: 1 the class, 0 other, 255 ignored
+        if labels is None:
+            labels = np.where(mask == IGNORE, IGNORE, 0).astype(np.uint8)
+        labels[mask == 1] = k + 1
+    return labels
+
+
+def draw_multiclass_specs(source: FewShotSource, shots: int, num_episodes: int | None = None,
+                          seed: int = 0) -> list[tuple[str, tuple[str, ...]]]:
+    """``(query key, support keys)`` per episode, from ``np.random.RandomState(seed)``.
+
+    The images holding at least one of the source's classes, in a seeded order: every one once
+    as the query when ``num_episodes`` is None (repeating the order when more are asked for);
+    supports drawn uniformly among the other images, all different.
+    """
+    shots = _check_shots(shots)
+    keys = sorted({key for c in source.class_ids for key in source.images_of_class(c)})
+    if len(keys) <= shots:
+        raise ValueError(f"{source.name}: {len(keys)} images hold the classes {list(source.class_ids)}, a {shots}-shot "
+                         f"episode needs more than {shots}")
+    rng = np.random.RandomState(seed)
+    count = len(keys) if num_episodes is None else _check_episodes(num_episodes)
+    order = []
+    while len(order) < count:
+        order += [keys[i] for i in rng.permutation(len(keys))]
+    specs = []
+    for query in order[:count]:
+        others = [k for k in keys if k != query]
+        specs.append((query, tuple(others[i] for i in rng.choice(len(others), shots, replace=False))))
+    return specs
+
+
+def load_multiclass_episode(source: FewShotSource, query: str, supports: Sequence[str]) -> MulticlassEpisode:
+    """Reads the images and label maps of one episode; query pixels of classes no support shows become 0."""
+    class_ids = list(source.class_ids)
+    support_labels = [label_map(source, key, class_ids) for key in supports]
+    query_labels = label_map(source, query, class_ids)
+    shown = np.zeros(IGNORE + 1, bool)
+    for labels in support_labels:
+        shown[labels] = True
+    shown[0] = shown[IGNORE] = True
+    query_labels[~shown[query_labels]] = 0
+    return MulticlassEpisode(
+        query_key=query,
+        query_image=source.load_image(query),
+        query_labels=query_labels,
+        support_keys=list(supports),
+        support_images=[source.load_image(key) for key in supports],
+        support_labels=support_labels,
+        class_ids=class_ids,
+    )
+
+
+class MulticlassEpisodes(FixedEpisodes):
+    """The fixed several-class evaluation episodes of a source (see :func:`draw_multiclass_specs`).
+
+    ``specs`` holds ``(query key, support keys)`` per episode; ``__getitem__(i)`` loads episode
+    ``i`` as a :class:`MulticlassEpisode`. Use ``collate_fn=collate_episodes`` in a DataLoader.
+    """
+
+    def __init__(self, source: FewShotSource, shots: int, num_episodes: int | None = None, seed: int = 0):
+        self.source = source
+        self.shots = _check_shots(shots)
+        self.seed = seed
+        self.specs = draw_multiclass_specs(source, self.shots, num_episodes, seed)
+        self.class_ids: list[int] = list(source.class_ids)
+
+    def __getitem__(self, index: int) -> MulticlassEpisode:
+        return load_multiclass_episode(self.source, *self.specs[index])
 
 
 # ---------------------------------------------------------------------- training
