@@ -272,8 +272,10 @@ def _hub_failure(repo_id: str, revision: str | None, error: BaseException) -> st
         return f"{repo_id}: the Hub repository has no revision {revision}{hint}."
     if constants.HF_HUB_OFFLINE:
         reason = "offline mode is on (HF_HUB_OFFLINE) and the repository is not in the local cache"
+    elif isinstance(error, LocalEntryNotFoundError):  # what the Hub client raises when no connection is made
+        reason = "no connection, and the repository is not in the local cache"
     else:
-        reason = f"{type(error).__name__}"
+        reason = type(error).__name__
     return (f"{repo_id}: not an official model ({official_names()}) or a folder, and the Hub could not be reached "
             f"to fetch this repository id{at} ({reason}){hint}.")
 
