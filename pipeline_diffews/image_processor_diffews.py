@@ -281,6 +281,17 @@ class DiffewSImageProcessor:
             PIL.Image.fromarray((probability.numpy() * 255).round().astype(np.uint8), mode="L"),
         )
 
+    @staticmethod
+    def export_classes(label_map: torch.Tensor, class_probabilities: torch.Tensor, output_type: str,
+                       palette: list[int] | None):
+        """label_map int64 [H, W], class_probabilities float [K, H, W] on CPU -> the requested output type: uint8
+        and float32 arrays for "np", the tensors for "pt", a "P" image (with `palette`) and a float32 array for "pil"."""
+        if output_type == "pt":
+            return label_map, class_probabilities
+        if output_type == "np":
+            return label_map.numpy().astype(np.uint8), class_probabilities.numpy()
+        return DiffewSImageProcessor.label_map_to_image(label_map.numpy(), palette), class_probabilities.numpy()
+
     # ------------------------------------------------------------------ support sets
 
     @staticmethod

@@ -19,14 +19,13 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput
 
 from .device_speedups import prepare_for_device
-from .image_processor_diffews import (
+from .image_processor_diffews import (  # noqa: F401 - DiffewSImageProcessor and load_mask: re-exported
     DiffewSImageProcessor,
     ImageInput,
     SupportSet,
@@ -49,8 +48,6 @@ THRESHOLD_PRECISIONS = ("8bit", "full")
 # Images per VAE encoder call when supports and queries are encoded together: bounds the activation memory
 # (about 0.3 GiB per 512 x 512 image in bfloat16, 0.6 GiB in float32).
 VAE_ENCODE_BATCH = 4
-
-logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
 Examples:
@@ -114,6 +111,11 @@ class DiffewSSupport:
     @property
     def is_multiclass(self) -> bool:
         return self.class_ids is not None
+
+    @property
+    def caches(self) -> list:
+        """The cache of each class, in `class_ids` order: `[key_values]` for one class."""
+        return list(self.class_key_values) if self.is_multiclass else [self.key_values]
 
 
 class DiffewSPipeline(DiffusionPipeline):
@@ -263,12 +265,12 @@ class DiffewSPipeline(DiffusionPipeline):
         batch_size: int,
         threshold_precision: str = "8bit",
         multiclass: bool | None = None,
-    ) -> tuple[list[PIL.Image.Image], list | None]:
+    ) -> tuple[list[PIL.Image.Image], list]:
         """Validates the arguments of `__call__`.
 
-        Returns the queries as RGB PIL images and, when supports are given as images, one (images, masks) pair of
-        lists per support set (a single set shared by all queries, or one per query); a set read as label maps or
-        dicts is a `SupportSet` instead.
+        Returns the queries as RGB PIL images and their supports: a list holding one support shared by all queries,
+        or one per query. Each is a `DiffewSSupport` (cached) or a `SupportSet` (read from images and masks, still
+        to be encoded); several classes need one support shared by all queries.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -286,22 +288,22 @@ class DiffewSPipeline(DiffusionPipeline):
         queries = [self.image_processor.to_pil_image(q, f"image[{i}]") for i, q in enumerate(as_list(image))]
         if not queries:
             raise ValueError("`image` is empty: pass at least one query image.")
-
         if support is not None:
             if support_images is not None or support_masks is not None:
                 raise ValueError("Pass either `support` (cached) or `support_images` and `support_masks`, not both.")
-            supports = support if isinstance(support, (list, tuple)) else [support]
+            supports = list(support) if isinstance(support, (list, tuple)) else [support]
             if len(supports) not in (1, len(queries)):
                 raise ValueError(f"`support` must be one DiffewSSupport or one per query ({len(queries)}), got {len(supports)}.")
             for s in supports:
-                if not hasattr(s, "key_values") or not hasattr(s, "processing_resolution"):
-                    raise TypeError(f"`support` must be made by `encode_support`, got {type(s).__name__}.")
-                if s.processing_resolution != processing_resolution:
-                    raise ValueError(
-                        f"`support` was encoded at processing_resolution={s.processing_resolution}, "
-                        f"but this call uses {processing_resolution}."
-                    )
-            return queries, None
+                self._check_support(s, processing_resolution, "support")
+            multi = [s.is_multiclass for s in supports]
+            if multiclass and not any(multi):
+                raise ValueError("`multiclass=True` but `support` holds one class: encode it with `multiclass=True`.")
+            if any(multi) and len(supports) != 1:
+                raise ValueError("A multi-class `support` must be one DiffewSSupport shared by all queries.")
+            if any(multi) and multiclass is False:
+                raise ValueError("`multiclass=False` but `support` holds several classes.")
+            return queries, supports
 
         if support_images is None or support_masks is None:
             raise ValueError(
@@ -320,7 +322,12 @@ class DiffewSPipeline(DiffusionPipeline):
             )
         if per_query and len(mask_sets) != len(image_sets):
             raise ValueError(f"`support_masks` holds {len(mask_sets)} sets, `support_images` {len(image_sets)}.")
-        return queries, [self._check_support_set(imgs, msks, multiclass) for imgs, msks in zip(image_sets, mask_sets)]
+        supports = [read_support_set(imgs, msks, multiclass) for imgs, msks in zip(image_sets, mask_sets)]
+        if len(supports) != 1 and any(s.is_multiclass for s in supports):
+            raise ValueError(
+                "Label maps and dicts in `support_masks` need one support set shared by all queries, not one per query."
+            )
+        return queries, supports
 
     @staticmethod
     def _check_batching(batch_size: int, multiclass: bool | None) -> None:
@@ -336,10 +343,16 @@ class DiffewSPipeline(DiffusionPipeline):
                 f"`processing_resolution` must be a positive multiple of {multiple}, got {processing_resolution!r}."
             )
 
-    def _check_support_set(self, support_images, support_masks, multiclass: bool | None = None):
-        """One support set -> (RGB PIL images, bool masks [H, W]), or a multi-class `SupportSet`."""
-        support_set = read_support_set(support_images, support_masks, multiclass)
-        return support_set if support_set.is_multiclass else (support_set.images, support_set.masks[0])
+    @staticmethod
+    def _check_support(support, processing_resolution: int | None, name: str) -> None:
+        """A cached support (`support` or `extend`) made by `encode_support` at `processing_resolution` (None: any)."""
+        if not all(hasattr(support, field) for field in ("key_values", "processing_resolution", "class_key_values")):
+            raise TypeError(f"`{name}` must be a DiffewSSupport made by `encode_support`, got {type(support).__name__}.")
+        if processing_resolution is not None and support.processing_resolution != processing_resolution:
+            raise ValueError(
+                f"`{name}` was encoded at processing_resolution={support.processing_resolution}, "
+                f"but this call uses {processing_resolution}."
+            )
 
     # ------------------------------------------------------------------ model steps
 
@@ -356,57 +369,43 @@ class DiffewSPipeline(DiffusionPipeline):
         """A list of [3, R, R] in [-1, 1] -> latents [K, 4, R/8, R/8], in VAE batches of up to `VAE_ENCODE_BATCH`."""
         return torch.cat([self._encode_latents(chunk) for chunk in torch.stack(pixels).split(VAE_ENCODE_BATCH)])
 
-    def _support_latents(self, support_sets, resolution: int, queries=()) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Support sets (E of them, N shots each) -> [E, N, 8, h, w] (image latent then mask latent), and the latents
-        [Q, 4, h, w] of `queries` (None without queries): support images, masks and queries encoded together, in VAE
-        batches of up to `VAE_ENCODE_BATCH` images."""
-        images = [self.image_processor.image_to_tensor(img, resolution) for imgs, _ in support_sets for img in imgs]
-        masks = [self.image_processor.mask_to_tensor(msk, resolution) for _, msks in support_sets for msk in msks]
-        latents = self._encode_pixels(images + masks + [self.image_processor.image_to_tensor(q, resolution) for q in queries])
-        image_latents, mask_latents = latents[: len(images)], latents[len(images) : len(images) + len(masks)]
-        episodes, shots = len(support_sets), len(support_sets[0][0])
-        support = torch.cat([image_latents, mask_latents], dim=1).unflatten(0, (episodes, shots))
-        return support, (latents[len(images) + len(masks) :] if queries else None)
+    def _encode_support_sets(self, sets: list[SupportSet], resolution: int, batch_size: int, queries=()):
+        """Support passes of every class of `sets`; returns one `DiffewSSupport` per set and the latents [Q, 4, h, w]
+        of `queries` (None without queries).
 
-    def _run_support_pass(self, support_sets, resolution: int, queries=()) -> tuple[Any, torch.Tensor | None]:
-        """Support pass of `support_sets`; returns its K/V and the latents of `queries`, encoded in the same VAE batch."""
-        latents, query_latents = self._support_latents(support_sets, resolution, queries)
-        return self.unet.encode_support(latents.to(self.unet.dtype), self.config.timestep), query_latents
-
-    def _encode_classes(self, classes: SupportSet, resolution: int, batch_size: int, queries=()):
-        """Support passes of every class of `classes`; returns a multi-class `DiffewSSupport` and the latents of
-        `queries` (None without queries).
-
-        Each support image and query goes through the VAE encoder once, with each class's masks, in VAE batches of up
-        to `VAE_ENCODE_BATCH` images; the classes' support passes run in UNet batches of up to `batch_size` episodes
+        Each support image and query goes through the VAE encoder once, beside every class mask, in VAE batches of up
+        to `VAE_ENCODE_BATCH` images; the (set, class) episodes run in support passes of up to `batch_size` episodes
         of the same shot count.
         """
-        used = sorted({i for indices in classes.shots for i in indices})
-        images = [self.image_processor.image_to_tensor(classes.images[i], resolution) for i in used]
-        masks = [self.image_processor.mask_to_tensor(m, resolution) for per_class in classes.masks for m in per_class]
-        queries = [self.image_processor.image_to_tensor(q, resolution) for q in queries]
-        latents = self._encode_pixels(images + masks + queries)
-        image_latents = dict(zip(used, latents[: len(used)]))
-        mask_latents = latents[len(used) : len(used) + len(masks)].split([len(s) for s in classes.shots])
-        episodes = [  # per class [n, 8, h, w]: image latent then mask latent of each shot showing it
-            torch.cat([torch.stack([image_latents[i] for i in indices]), class_masks], dim=1)
-            for indices, class_masks in zip(classes.shots, mask_latents)
+        used = [sorted({i for shots in s.shots for i in shots}) for s in sets]  # the shots showing some class
+        images = [self.image_processor.image_to_tensor(s.images[i], resolution) for s, shots in zip(sets, used) for i in shots]
+        masks = [self.image_processor.mask_to_tensor(m, resolution) for s in sets for per_class in s.masks for m in per_class]
+        latents = self._encode_pixels(images + masks + [self.image_processor.image_to_tensor(q, resolution) for q in queries])
+        image_latents = iter(latents[: len(images)])
+        image_latents = [dict(zip(shots, image_latents)) for shots in used]  # per set: shot index -> [4, h, w]
+        mask_latents = iter(latents[len(images) : len(images) + len(masks)].split([len(c) for s in sets for c in s.shots]))
+        episodes = [  # per (set, class): [n, 8, h, w], image latent then mask latent of each shot showing the class
+            (k, c, torch.cat([torch.stack([image_latents[k][i] for i in shots]), next(mask_latents)], dim=1))
+            for k, s in enumerate(sets) for c, shots in enumerate(s.shots)
         ]
-        key_values = [None] * len(episodes)
-        for batch in self._batches(len(episodes), batch_size, None, [(indices, None) for indices in classes.shots]):
-            sample = torch.stack([episodes[c] for c in batch]).to(self.unet.dtype)  # [E, n, 8, h, w]
-            for c, cache in zip(batch, self.unet.encode_support(sample, self.config.timestep).split()):
-                key_values[c] = cache
-        support = DiffewSSupport(
-            key_values=None,
-            num_shots=len(classes.images),
-            processing_resolution=resolution,
-            class_ids=list(classes.class_ids),
-            class_names=None if classes.class_names is None else list(classes.class_names),
-            class_key_values=key_values,
-            palette=classes.palette,
-        )
-        return support, (latents[len(used) + len(masks) :] if queries else None)
+        caches = [[None] * len(s.shots) for s in sets]
+        for batch in _groups(episodes, [e[2].shape[0] for e in episodes], batch_size):
+            sample = torch.stack([latent for _, _, latent in batch]).to(self.unet.dtype)  # [E, n, 8, h, w]
+            for (k, c, _), cache in zip(batch, self.unet.encode_support(sample, self.config.timestep).split()):
+                caches[k][c] = cache
+        supports = [
+            DiffewSSupport(
+                key_values=None if s.is_multiclass else per_class[0],
+                num_shots=s.num_shots,
+                processing_resolution=resolution,
+                class_ids=None if s.class_ids is None else list(s.class_ids),
+                class_names=None if s.class_names is None else list(s.class_names),
+                class_key_values=per_class if s.is_multiclass else None,
+                palette=s.palette,
+            )
+            for s, per_class in zip(sets, caches)
+        ]
+        return supports, (latents[len(images) + len(masks) :] if len(queries) else None)
 
     @torch.no_grad()
     def encode_support(
@@ -416,6 +415,7 @@ class DiffewSPipeline(DiffusionPipeline):
         processing_resolution: int | None = None,
         multiclass: bool | None = None,
         batch_size: int = 1,
+        extend: DiffewSSupport | None = None,
     ) -> DiffewSSupport:
         """Encodes one support set (N >= 1 images with their masks) for reuse by any number of queries.
 
@@ -423,28 +423,42 @@ class DiffewSPipeline(DiffusionPipeline):
             support_images: one image or a list of N images (see `DiffewSImageProcessor` for the accepted types).
             support_masks: the N masks, each the size of its image: binary masks, or label maps / dicts for several
                 classes (see `__call__`).
-            processing_resolution: the square size the model sees; must match the later calls. Default: config.
+            processing_resolution: the square size the model sees; must match the later calls. Default: config, or
+                the resolution of `extend`.
             multiclass: None (auto), True (read the masks as label maps) or False (binary masks), as in `__call__`.
+                With `extend`, None reads the new masks as `extend` was read.
             batch_size: classes per UNet support pass (several classes only).
+            extend: a `DiffewSSupport` to grow: the result holds its shots, then the new ones (one class or several
+                alike; a class seen only in the new shots is added). Only the new shots go through the support pass;
+                the result equals encoding all the shots at once, within float tolerance. `extend` is not changed.
+
+        Returns:
+            `DiffewSSupport`; `num_shots` counts every shot (with `extend`, its shots too).
         """
+        if extend is not None:
+            self._check_support(extend, processing_resolution, "extend")
+            processing_resolution = processing_resolution or extend.processing_resolution
+            if multiclass is None:
+                multiclass = extend.is_multiclass
+            elif multiclass != extend.is_multiclass:
+                kind = "several classes" if extend.is_multiclass else "one class"
+                raise ValueError(f"`multiclass={multiclass}` but `extend` holds {kind}.")
         resolution = processing_resolution or self.config.processing_resolution
         self._check_resolution(resolution)
         self._check_batching(batch_size, multiclass)
-        support_set = self._check_support_set(support_images, support_masks, multiclass)
+        support_set = read_support_set(support_images, support_masks, multiclass)
         self._prepare_for_device()
-        if isinstance(support_set, SupportSet):
-            return self._encode_classes(support_set, resolution, batch_size)[0]
-        key_values, _ = self._run_support_pass([support_set], resolution)
-        return DiffewSSupport(key_values=key_values, num_shots=len(support_set[0]), processing_resolution=resolution)
+        (support,), _ = self._encode_support_sets([support_set], resolution, batch_size)
+        return support if extend is None else _extended(extend, support)
 
     def _predict(self, queries: list[PIL.Image.Image], key_values, resolution: int, latents=None) -> torch.Tensor:
-        """Query pass for a batch. Returns the decoded prediction [B, 3, R, R] in [0, 1] (float32).
+        """Query pass for a batch of episodes. Returns the decoded prediction [B, 3, R, R] in [0, 1] (float32).
 
-        latents: the queries' latents [B, 4, h, w] when already encoded (with their supports); else they are encoded.
+        queries: the episodes' query images; latents: their latents [B, 4, h, w] when already encoded (else they are
+        encoded here). key_values: the episodes' support cache, with B episodes or 1 shared by all.
         """
         if latents is None:
-            pixels = torch.stack([self.image_processor.image_to_tensor(q, resolution) for q in queries])
-            latents = self._encode_latents(pixels)
+            latents = self._encode_pixels([self.image_processor.image_to_tensor(q, resolution) for q in queries])
         latents = latents.to(self.unet.dtype)
         output = self.unet(latents, self.config.timestep, support_key_values=key_values).sample
         clean_latents = -output  # v-prediction with alpha_bar = 0: x0 = -v
@@ -475,9 +489,9 @@ class DiffewSPipeline(DiffusionPipeline):
             support_images: a list of N >= 1 example images shared by all queries, or a list of such lists, one per
                 query (each query then only sees its own supports).
             support_masks: the masks of `support_images`, nested the same way; each the size of its image. For
-                several classes at once, each mask may be a label map (a palette "P" image or an integer array /
-                tensor [H, W]: 0 = background, 1..254 = classes, 255 = ignored) or a dict `{name: binary mask}`;
-                a class absent from some shots uses only the shots that show it (one support set for all queries).
+                several classes at once, each mask may be a label map or a dict `{name: binary mask}` (the rule:
+                `DiffewSImageProcessor`); a class absent from some shots uses only the shots that show it (one
+                support set for all queries).
             support: a `DiffewSSupport` from `encode_support` (or one per query) instead of images and masks.
             processing_resolution: square size the model sees (default: config, 512).
             match_input_resolution: outputs at each query's own size (True) or at the processing resolution.
@@ -487,16 +501,15 @@ class DiffewSPipeline(DiffusionPipeline):
             threshold_precision: "8bit" (the authors' rule: the decoded map is truncated to 256 levels, as their
                 uint8 output, before the level and the comparison) or "full" (the float32 map). Default: config
                 ("8bit"). `probabilities` keep full precision either way.
-            batch_size: queries per UNet call (with several classes: (query, class) episodes per UNet call).
-            multiclass: None (auto: dicts, and palette images or integer arrays (ids below 128) holding several ids
-                or an id other than 1, are label maps), True (read every mask as a label map) or False (binary masks, as ever).
+            batch_size: (query, class) episodes per UNet call; also queries per VAE batch.
+            multiclass: None (auto: label maps and dicts by `DiffewSImageProcessor.is_label_map`), True (read every
+                mask as a label map) or False (binary masks).
             output_type: "np", "pt" or "pil".
 
         Returns:
             `DiffewSPipelineOutput` with `masks` (bool) and `probabilities` (float in [0, 1]), one per query; with
-            several classes also `label_maps`, `class_probabilities`, `class_ids`, `class_names` and `palette`. With
-            `return_dict=False`: the tuple `(masks, probabilities)`, or with several classes the tuple of the output's
-            fields that are not None, in field order.
+            several classes also `label_maps`, `class_probabilities`, `class_ids`, `class_names` and `palette`.
+            With `return_dict=False`, for every call: the tuple `(masks, probabilities)`.
         """
         # 0. Defaults from the config
         resolution = processing_resolution or self.config.processing_resolution
@@ -504,80 +517,75 @@ class DiffewSPipeline(DiffusionPipeline):
         threshold = self.config.threshold if threshold is None else threshold
         threshold_precision = threshold_precision or self.config.get("threshold_precision", "8bit")
 
-        # 1. Check inputs
-        queries, support_sets = self.check_inputs(
+        # 1. Check inputs: the queries, and their supports (one shared by all queries, or one per query), each cached
+        #    (`DiffewSSupport`) or read from images and masks (`SupportSet`, encoded in step 4)
+        queries, supports = self.check_inputs(
             image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type, batch_size,
             threshold_precision, multiclass,
         )
         self._prepare_for_device()
-        classes = self._class_support(support, support_sets, multiclass)
-        if classes is not None:
-            sizes = [(q.height, q.width) if match_input_resolution else (resolution, resolution) for q in queries]
-            thresholding = (threshold, threshold_mode, threshold_precision)
-            return self._segment_classes(queries, classes, resolution, sizes, thresholding, batch_size, output_type,
-                                         return_dict)
 
-        # 2. Shared supports: one support pass for all queries (its VAE batch also encodes the first batch's queries)
-        batches = self._batches(len(queries), batch_size, support, support_sets)
-        shared, query_latents = None, None
-        if support is not None and not isinstance(support, (list, tuple)):
-            shared = support.key_values
-        elif support is not None and len(support) == 1 < len(queries):
-            shared = support[0].key_values
-        elif support_sets is not None and len(support_sets) == 1:
-            shared, query_latents = self._run_support_pass(support_sets, resolution, [queries[i] for i in batches[0]])
+        # 2. Classes: one (binary masks) or K (label maps, dicts), from the shared support
+        classes = supports[0] if supports[0].is_multiclass else None
+        class_ids = classes.class_ids if classes is not None else [1]
+        owner = [0 if len(supports) == 1 else i for i in range(len(queries))]  # the support of each query
 
-        # 3. Query passes, batch by batch (per-query supports are encoded with their batch, never twice)
-        masks, probabilities = [], []
-        for batch in self.progress_bar(batches):
-            if shared is not None:
-                key_values = shared
-            elif support is not None:
-                key_values = type(support[0].key_values).cat([support[i].key_values for i in batch])
+        # 3. Episodes: every (query, class) pair. Queries go in chunks of up to `batch_size` with supports of the same
+        #    shot count; each chunk's queries are VAE-encoded once, for all their classes.
+        chunks = _groups(list(range(len(queries))), [supports[owner[i]].num_shots for i in range(len(queries))], batch_size)
+        sizes = [(q.height, q.width) if match_input_resolution else (resolution, resolution) for q in queries]
+        maps = [[None] * len(class_ids) for _ in queries]  # maps[i][c]: (probability, mask) of class c at sizes[i]
+        for chunk in self.progress_bar(chunks):
+            # 4. Supports still to encode (a shared set with the first chunk, per-query sets with theirs) go through
+            #    the VAE in the same batch as the chunk's queries, then through the support pass
+            pending = [k for k in dict.fromkeys(owner[i] for i in chunk) if isinstance(supports[k], SupportSet)]
+            if pending:
+                encoded, query_latents = self._encode_support_sets(
+                    [supports[k] for k in pending], resolution, batch_size, [queries[i] for i in chunk]
+                )
+                for k, encoded_support in zip(pending, encoded):
+                    supports[k] = encoded_support
             else:
-                sets = [support_sets[i] for i in batch]
-                key_values, query_latents = self._run_support_pass(sets, resolution, [queries[i] for i in batch])
-            batch_queries = [queries[i] for i in batch]
-            prediction = self._predict(batch_queries, key_values, resolution, latents=query_latents)  # [B, 3, R, R]
-            query_latents = None
+                query_latents = self._encode_pixels([self.image_processor.image_to_tensor(queries[i], resolution) for i in chunk])
 
-            # 4. Threshold at the processing resolution, then bring each map to its query's size
-            sizes = [(queries[i].height, queries[i].width) if match_input_resolution else (resolution, resolution)
-                     for i in batch]
-            maps = self._threshold_maps(prediction, sizes, threshold, threshold_mode, threshold_precision)
-            for i, (resized, above) in zip(batch, maps):
-                mask, prob = self.image_processor.export(above, resized, output_type)
-                masks.append((i, mask))
-                probabilities.append((i, prob))
+            # 5. Query passes: UNet batches of up to `batch_size` episodes of the same shot count
+            episodes = [(i, c) for i in chunk for c in range(len(class_ids))]
+            shots = [supports[owner[i]].caches[c].num_shots for i, c in episodes]
+            for batch in _groups(episodes, shots, batch_size):
+                caches = [supports[owner[i]].caches[c] for i, c in batch]
+                key_values = caches[0] if all(cache is caches[0] for cache in caches) else type(caches[0]).cat(caches)
+                latents = query_latents[[chunk.index(i) for i, _ in batch]]
+                prediction = self._predict([queries[i] for i, _ in batch], key_values, resolution, latents=latents)
 
-        # 5. Outputs in query order
-        masks = [m for _, m in sorted(masks, key=lambda item: item[0])]
-        probabilities = [p for _, p in sorted(probabilities, key=lambda item: item[0])]
+                # 6. Threshold at the processing resolution, compared at each query's output size
+                thresholded = self._threshold_maps(
+                    prediction, [sizes[i] for i, _ in batch], threshold, threshold_mode, threshold_precision
+                )
+                for (i, c), result in zip(batch, thresholded):
+                    maps[i][c] = result
+
+        # 7. Merge the classes of each query (one class: its mask and probability, unchanged) and assemble the outputs
+        outputs = {"masks": [], "probabilities": [], "label_maps": [], "class_probabilities": []}
+        for per_class in maps:
+            probability = torch.stack([p for p, _ in per_class])  # [K, H, W]
+            above = torch.stack([m for _, m in per_class])  # [K, H, W]
+            best = torch.where(above, probability, -1.0).argmax(dim=0)  # the likeliest class among those above
+            label_map = torch.where(above.any(dim=0), torch.tensor(class_ids)[best], 0)  # int64 [H, W]
+            mask, prob = self.image_processor.export(label_map > 0, probability.amax(dim=0), output_type)
+            outputs["masks"].append(mask)
+            outputs["probabilities"].append(prob)
+            if classes is not None:
+                label_map, probability = self.image_processor.export_classes(label_map, probability, output_type, classes.palette)
+                outputs["label_maps"].append(label_map)
+                outputs["class_probabilities"].append(probability)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return masks, probabilities
-        return DiffewSPipelineOutput(masks=masks, probabilities=probabilities)
-
-    def _class_support(self, support, support_sets, multiclass: bool | None):
-        """The multi-class support of a call (a `DiffewSSupport` or `SupportSet`), or None for one class."""
-        if support is not None:
-            supports = list(support) if isinstance(support, (list, tuple)) else [support]
-            if not any(getattr(s, "class_ids", None) is not None for s in supports):
-                if multiclass:
-                    raise ValueError("`multiclass=True` but `support` holds one class: encode it with `multiclass=True`.")
-                return None
-            if len(supports) != 1:
-                raise ValueError("A multi-class `support` must be one DiffewSSupport shared by all queries.")
-            if multiclass is False:
-                raise ValueError("`multiclass=False` but `support` holds several classes.")
-            return supports[0]
-        if not any(isinstance(s, SupportSet) for s in support_sets):
-            return None
-        if len(support_sets) != 1:
-            raise ValueError(
-                "Label maps and dicts in `support_masks` need one support set shared by all queries, not one per query."
-            )
-        return support_sets[0]
+            return outputs["masks"], outputs["probabilities"]
+        if classes is None:
+            return DiffewSPipelineOutput(masks=outputs["masks"], probabilities=outputs["probabilities"])
+        return DiffewSPipelineOutput(
+            **outputs, class_ids=list(class_ids), class_names=classes.class_names, palette=classes.palette
+        )
 
     def _threshold_maps(self, prediction: torch.Tensor, sizes: list, threshold: float, threshold_mode: str,
                         threshold_precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -596,62 +604,36 @@ class DiffewSPipeline(DiffusionPipeline):
             maps.append((resized, resized_score > level[j]))
         return maps
 
-    def _segment_classes(self, queries, classes, resolution: int, sizes: list, thresholding: tuple, batch_size: int,
-                         output_type: str, return_dict: bool) -> DiffewSPipelineOutput | tuple:
-        """A multi-class call: every (query, class) pair is one episode; the pairs run in UNet batches of up to
-        `batch_size` (same shot count), each query's latent encoded once and shared by its classes."""
-        chunks = [list(range(k, min(k + batch_size, len(queries)))) for k in range(0, len(queries), batch_size)]
-        query_latents = None
-        if isinstance(classes, SupportSet):
-            classes, query_latents = self._encode_classes(classes, resolution, batch_size, [queries[i] for i in chunks[0]])
-        caches = classes.class_key_values
-        maps = [[None] * len(caches) for _ in queries]  # maps[i][c]: (probability, mask) at query i's output size
-        for chunk in self.progress_bar(chunks):
-            if query_latents is None:
-                pixels = [self.image_processor.image_to_tensor(queries[i], resolution) for i in chunk]
-                query_latents = self._encode_pixels(pixels)
-            pairs = [(i, c) for i in chunk for c in range(len(caches))]
-            for batch in self._batches(len(pairs), batch_size, [caches[c] for _, c in pairs], None):
-                key_values = type(caches[0]).cat([caches[pairs[p][1]] for p in batch])
-                latents = query_latents[[pairs[p][0] - chunk[0] for p in batch]]
-                prediction = self._predict([], key_values, resolution, latents=latents)  # [B, 3, R, R]
-                batch_sizes = [sizes[pairs[p][0]] for p in batch]
-                for p, result in zip(batch, self._threshold_maps(prediction, batch_sizes, *thresholding)):
-                    maps[pairs[p][0]][pairs[p][1]] = result
-            query_latents = None
 
-        ids = torch.tensor(classes.class_ids)
-        outputs = {"masks": [], "probabilities": [], "label_maps": [], "class_probabilities": []}
-        for per_class in maps:
-            probability = torch.stack([p for p, _ in per_class])  # [K, H, W]
-            above = torch.stack([m for _, m in per_class])  # [K, H, W]
-            best = torch.where(above, probability, -1.0).argmax(dim=0)  # the likeliest class among those above
-            label_map = torch.where(above.any(dim=0), ids[best], 0)  # int64 [H, W]
-            mask, prob = self.image_processor.export(label_map > 0, probability.amax(dim=0), output_type)
-            if output_type == "pil":  # class probabilities stay float32 arrays
-                label_map = self.image_processor.label_map_to_image(label_map.numpy(), classes.palette)
-                probability = probability.numpy()
-            elif output_type == "np":
-                label_map, probability = label_map.numpy().astype(np.uint8), probability.numpy()
-            for key, value in zip(outputs, (mask, prob, label_map, probability)):
-                outputs[key].append(value)
-        self.maybe_free_model_hooks()
-        output = DiffewSPipelineOutput(
-            **outputs, class_ids=list(classes.class_ids), class_names=classes.class_names, palette=classes.palette
-        )
-        return output if return_dict else output.to_tuple()
+def _groups(items: list, shots: list[int], batch_size: int) -> list[list]:
+    """`items` in batches of up to `batch_size` with equal `shots` (one shot count per batch, in first-seen order)."""
+    batches = []
+    for count in dict.fromkeys(shots):
+        same = [item for item, n in zip(items, shots) if n == count]
+        batches += [same[k : k + batch_size] for k in range(0, len(same), batch_size)]
+    return batches
 
-    @staticmethod
-    def _batches(num_queries: int, batch_size: int, support, support_sets) -> list[list[int]]:
-        """Query indices in batches; with per-query supports, a batch only holds queries with the same shot count."""
-        if isinstance(support, (list, tuple)) and len(support) == num_queries > 1:
-            shots = [s.num_shots for s in support]
-        elif support_sets is not None and len(support_sets) == num_queries > 1:
-            shots = [len(images) for images, _ in support_sets]
-        else:
-            shots = [0] * num_queries
-        batches = []
-        for count in dict.fromkeys(shots):
-            indices = [i for i in range(num_queries) if shots[i] == count]
-            batches += [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
-        return batches
+
+def _extended(old: DiffewSSupport, new: DiffewSSupport) -> DiffewSSupport:
+    """The support holding the shots of `old`, then those of `new` (both one class, or both several classes)."""
+    if not old.is_multiclass:
+        key_values = type(old.key_values).cat_shots([old.key_values, new.key_values])
+        return DiffewSSupport(key_values, old.num_shots + new.num_shots, old.processing_resolution)
+    if (old.class_names is None) != (new.class_names is None):
+        named = "dicts {name: mask}" if old.class_names is not None else "label maps"
+        raise ValueError(f"`extend` holds classes read from {named}: give the new shots' masks in the same form.")
+    old_keys, new_keys = old.class_names or old.class_ids, new.class_names or new.class_ids
+    keys = list(dict.fromkeys(old_keys + new_keys)) if old.class_names is not None else sorted(set(old_keys) | set(new_keys))
+    caches = []
+    for key in keys:
+        parts = [s.class_key_values[k.index(key)] for s, k in ((old, old_keys), (new, new_keys)) if key in k]
+        caches.append(parts[0] if len(parts) == 1 else type(parts[0]).cat_shots(parts))
+    return DiffewSSupport(
+        key_values=None,
+        num_shots=old.num_shots + new.num_shots,
+        processing_resolution=old.processing_resolution,
+        class_ids=list(range(1, len(keys) + 1)) if old.class_names is not None else keys,
+        class_names=keys if old.class_names is not None else None,
+        class_key_values=caches,
+        palette=old.palette or new.palette,
+    )

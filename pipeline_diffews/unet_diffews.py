@@ -51,6 +51,27 @@ class SupportKeyValues:
         }
         return cls(layers, sum(item.num_episodes for item in items), items[0].num_shots)
 
+    @classmethod
+    def cat_shots(cls, items: list["SupportKeyValues"]) -> "SupportKeyValues":
+        """Joins caches of the same episodes shot-wise: the shots of `items[0]`, then those of `items[1]`, ...
+
+        The support pass treats every shot on its own, so this equals one support pass over all the shots. Tensors
+        go to the device and dtype of the last cache.
+        """
+        if len({item.num_episodes for item in items}) != 1:
+            raise ValueError("Support caches with different numbers of episodes cannot be joined shot-wise.")
+        if any(item.layers.keys() != items[0].layers.keys() for item in items):
+            raise ValueError("Support caches of different UNets cannot be joined: their self-attention layers differ.")
+        reference = next(iter(items[-1].layers.values()))[0]
+        layers = {
+            name: tuple(
+                torch.cat([item.layers[name][j].to(reference.device, reference.dtype) for item in items], dim=1)
+                for j in (0, 1)
+            )
+            for name in items[0].layers
+        }
+        return cls(layers, items[0].num_episodes, sum(item.num_shots for item in items))
+
     def split(self) -> list["SupportKeyValues"]:
         """One cache of one episode per episode, in order (views of this cache's tensors, no copy)."""
         return [
