@@ -1,16 +1,25 @@
-"""Training checkpoints on disk (`<output_dir>/checkpoint-<step>`) and their background upload to the Hub."""
+"""Training checkpoints on disk (`<output_dir>/checkpoint-<step>`): saving, resuming, rotating, and their background
+upload to the Hub."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 from concurrent.futures import Future
 from pathlib import Path
 
+from accelerate.logging import get_logger
+
 logger = logging.getLogger(__name__)
+run_logger = get_logger("diffews.train")  # the training script's log (main process only)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+# Settings that define the episode stream and the schedule: a resumed run must keep them to match an uninterrupted one.
+RESUME_SETTINGS = ("dataset", "fold", "split", "max_steps", "batch_size", "gradient_accumulation_steps", "max_shots",
+                   "resolution", "seed", "learning_rate", "lr_end", "processes", "mix_dataset", "mix_share")
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -116,3 +125,39 @@ def rotate_checkpoints(
         shutil.rmtree(folder)
         deleted.append(folder)
     return deleted
+
+
+def check_resume(args, accelerator, resume) -> int:
+    """The step to start from; warns when the checkpoint was made with settings that change the episode stream."""
+    if resume is None:
+        if args.resume:
+            run_logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
+        return 0
+    step, folder = resume
+    if step > args.max_steps:
+        raise ValueError(f"{folder} is at step {step}, beyond --max-steps {args.max_steps}.")
+    info = folder / "diffews_training.json"
+    if info.is_file():
+        saved = json.loads(info.read_text())
+        now = {**vars(args), "processes": accelerator.num_processes}
+        changed = [k for k in RESUME_SETTINGS if saved.get("args", {}).get(k) != now.get(k)]
+        if changed:
+            run_logger.warning(f"Resuming with other {', '.join(changed)} than {folder}: the run will differ from an "
+                           "uninterrupted one.")
+    return step
+
+
+def save_checkpoint(accelerator, args, step: int, uploader) -> None:
+    """`accelerator.save_state` to `<output_dir>/checkpoint-<step>` (all processes), keeping the last K."""
+    if accelerator.is_main_process:
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit or None, uploader)
+    accelerator.wait_for_everyone()
+    folder = checkpoint_dir(args.output_dir, step)
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        info = {"step": step, "args": {**vars(args), "processes": accelerator.num_processes}}
+        (folder / "diffews_training.json").write_text(json.dumps(info, indent=2))
+        run_logger.info(f"Saved {folder}")
+        if uploader is not None:
+            uploader.submit(folder, f"checkpoints/{folder.name}")
+    accelerator.wait_for_everyone()

@@ -12,11 +12,9 @@ loss MSE(unet_output, -z_query_mask). The VAE is frozen; the whole UNet (with `c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python train/train.py` from anywhere
 
@@ -27,9 +25,9 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed  # 
 from diffusers.optimization import get_polynomial_decay_schedule_with_warmup  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel  # noqa: E402
+from pipeline_diffews import DiffewSUNet2DConditionModel, load_pipeline  # noqa: E402
 from pipeline_diffews.hub import build_model_card  # noqa: E402
-from train.checkpointing import CheckpointUploader, checkpoint_dir, resolve_resume, rotate_checkpoints  # noqa: E402
+from train.checkpointing import CheckpointUploader, check_resume, resolve_resume, save_checkpoint  # noqa: E402
 from train.data import SOURCES, ConcatSource, TrainingEpisodes, build_source  # noqa: E402
 from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
 from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes  # noqa: E402
@@ -38,19 +36,11 @@ from train.source_options import add_source_option_argument, source_option  # no
 logger = get_logger("diffews.train")
 
 
-# Settings that define the episode stream and the schedule: a resumed run must keep them to match an uninterrupted one.
-RESUME_SETTINGS = ("dataset", "fold", "split", "max_steps", "batch_size", "gradient_accumulation_steps", "max_shots",
-                   "resolution", "seed", "learning_rate", "lr_end", "processes", "mix_dataset", "mix_share")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf: training stops before the weights are touched."""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--pretrained", required=True, help="DiffewS pipeline folder or Hub repo (from init_from_sd or a converter).")
+    a("--pretrained", required=True,
+      help="DiffewS pipeline folder, Hub repo (from init_from_sd or a converter) or official name (incontext, ...).")
     a("--dataset", required=True, choices=sorted(SOURCES), help="Training data source.")
     a("--data-root", default=None,
       help="The dataset's folder (incontext: a folder with coco/, ade20k/, voc/; synthetic: none).")
@@ -128,35 +118,34 @@ def make_accelerator(args) -> Accelerator:
     )
 
 
-def save_checkpoint(accelerator, args, step: int, uploader) -> None:
-    """`accelerator.save_state` to `<output_dir>/checkpoint-<step>` (all processes), keeping the last K."""
-    if accelerator.is_main_process:
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit or None, uploader)
-    accelerator.wait_for_everyone()
-    folder = checkpoint_dir(args.output_dir, step)
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        info = {"step": step, "args": {**vars(args), "processes": accelerator.num_processes}}
-        (folder / "diffews_training.json").write_text(json.dumps(info, indent=2))
-        logger.info(f"Saved {folder}")
-        if uploader is not None:
-            uploader.submit(folder, f"checkpoints/{folder.name}")
-    accelerator.wait_for_everyone()
+def load_models(args, accelerator):
+    """The pipeline's UNet (trained, float32 master weights) and VAE (frozen, cast to the mixed-precision dtype)."""
+    pipe = load_pipeline(args.pretrained, dtype=torch.float32)
+    unet, vae = pipe.unet, pipe.vae
+    vae.requires_grad_(False).eval()
+    unet.requires_grad_(True).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    vae.to(accelerator.device)
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        vae.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
+    return unet, vae, pipe.config.timestep
 
 
-def save_pipeline(accelerator, args, unet) -> None:
-    """Writes the trained pipeline (UNet in float32, the original VAE and settings) to `args.output_dir`."""
-    state = accelerator.get_state_dict(unet)  # on every process: gathers sharded (FSDP / ZeRO-3) weights
-    if not accelerator.is_main_process:
-        return
-    trained = DiffewSUNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
-    trained.load_state_dict({k: v.float().cpu() for k, v in state.items()})
-    pipe = DiffewSPipeline.from_pretrained(args.pretrained, unet=trained, processing_resolution=args.resolution)
-    pipe.save_pretrained(args.output_dir)
-    readme = Path(args.output_dir) / "README.md"
-    if args.push_to_hub and not readme.is_file():
-        build_model_card(pipe, repo_id=args.push_to_hub).save(readme)
-    logger.info(f"Saved the trained pipeline to {args.output_dir}")
+def make_optimizer(args, accelerator, unet):
+    """AdamW and the linear decay from the learning rate to --lr-end over --max-steps, without warm-up."""
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.weight_decay, eps=args.adam_epsilon,
+    )
+    # Accelerate steps a prepared scheduler once per process at every optimisation step (DeepSpeed: once).
+    per_step = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes
+    scheduler = get_polynomial_decay_schedule_with_warmup(
+        optimizer, 0, args.max_steps * per_step, lr_end=args.lr_end, power=1.0
+    )
+    return optimizer, scheduler
 
 
 def build_loader(args, accelerator, first_step: int) -> tuple:
@@ -186,102 +175,51 @@ def build_loader(args, accelerator, first_step: int) -> tuple:
     return source, loader
 
 
-class TrainingParts(NamedTuple):
-    unet: torch.nn.Module  # prepared (DDP / DeepSpeed / FSDP wrapper)
-    vae: torch.nn.Module  # frozen, in the mixed-precision dtype
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    timestep: int
+def make_uploader(args, accelerator) -> CheckpointUploader | None:
+    """The background Hub uploader of --push-to-hub (main process only), else None."""
+    if args.push_to_hub and accelerator.is_main_process:
+        return CheckpointUploader(args.push_to_hub, token=args.hub_token, private=args.hub_private or None)
+    return None
 
 
-def load_models(args, accelerator):
-    """The pipeline's UNet (trained, float32 master weights) and VAE (frozen, cast to the mixed-precision dtype)."""
-    pipe = DiffewSPipeline.from_pretrained(args.pretrained, dtype=torch.float32)
-    unet, vae = pipe.unet, pipe.vae
-    vae.requires_grad_(False).eval()
-    unet.requires_grad_(True).train()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    vae.to(accelerator.device)
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        vae.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
-    return unet, vae, pipe.config.timestep
+def tracker_config(args) -> dict:
+    """The run's arguments as tracker hyperparameters (numbers, strings and booleans as they are, others as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
 
 
-def make_optimizer(args, accelerator, unet):
-    """AdamW and the linear decay from the learning rate to --lr-end over --max-steps, without warm-up."""
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.weight_decay, eps=args.adam_epsilon,
-    )
-    # Accelerate steps a prepared scheduler once per process at every optimisation step (DeepSpeed: once).
-    per_step = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes
-    scheduler = get_polynomial_decay_schedule_with_warmup(
-        optimizer, 0, args.max_steps * per_step, lr_end=args.lr_end, power=1.0
-    )
-    return optimizer, scheduler
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: training stops before the weights are touched."""
 
 
-def check_resume(args, accelerator, resume) -> int:
-    """The step to start from; warns when the checkpoint was made with settings that change the episode stream."""
-    if resume is None:
-        if args.resume:
-            logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
-        return 0
-    step, folder = resume
-    if step > args.max_steps:
-        raise ValueError(f"{folder} is at step {step}, beyond --max-steps {args.max_steps}.")
-    info = folder / "diffews_training.json"
-    if info.is_file():
-        saved = json.loads(info.read_text())
-        now = {**vars(args), "processes": accelerator.num_processes}
-        changed = [k for k in RESUME_SETTINGS if saved.get("args", {}).get(k) != now.get(k)]
-        if changed:
-            logger.warning(f"Resuming with other {', '.join(changed)} than {folder}: the run will differ from an "
-                           "uninterrupted one.")
-    return step
+def check_finite(losses: torch.Tensor, step: int, shots: int) -> None:
+    """Raises NonFiniteLossError when a process's loss of optimisation step `step` is NaN or inf."""
+    if not torch.isfinite(losses).all():
+        raise NonFiniteLossError(
+            f"The loss is {losses.tolist()} at step {step} (shots {shots}): stopping before the weights are updated. "
+            "Lower --learning-rate, try --mixed-precision bf16 or no, or check the data; resume from the last good "
+            "checkpoint with --resume."
+        )
 
 
-def run_steps(args, accelerator, parts: TrainingParts, loader, step: int, last_step: int, uploader) -> int:
-    """Optimisation steps `step + 1 .. last_step`; returns the last step done."""
-    unet, optimizer, scheduler = parts.unet, parts.optimizer, parts.scheduler
-    accum, sample = args.gradient_accumulation_steps, args.latent_sampling == "sample"
-    progress = tqdm(total=args.max_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
-    step_loss = 0.0
-    for pixels in loader:
-        with accelerator.accumulate(unet):
-            latents = encode_episodes(parts.vae, pixels, sample=sample)
-            loss = diffews_loss(unet, latents, parts.timestep)
-            losses = accelerator.gather(loss.detach().reshape(1))  # every process sees every process's loss
-            if not torch.isfinite(losses).all():
-                raise NonFiniteLossError(
-                    f"The loss is {losses.tolist()} at step {step + 1} (shots {pixels.support.shape[1]}): stopping "
-                    "before the weights are updated. Lower --learning-rate, try --mixed-precision bf16 or no, or "
-                    "check the data; resume from the last good checkpoint with --resume."
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_loss += losses.float().mean().item() / accum
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        lr = scheduler.get_last_lr()[0]
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{lr:.3g}")
-        accelerator.log({"loss": step_loss, "lr": lr, "shots": pixels.support.shape[1]}, step=step)
-        step_loss = 0.0
-        if step % args.checkpointing_steps == 0 or step == last_step < args.max_steps:
-            save_checkpoint(accelerator, args, step, uploader)
-        if step >= last_step:
-            break
-    progress.close()
-    return step
+def log_step(accelerator, progress, step: int, loss: float, lr: float, shots: int) -> None:
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}")
+    accelerator.log({"loss": loss, "lr": lr, "shots": shots}, step=step)
+
+
+def save_pipeline(accelerator, args, unet) -> None:
+    """Writes the trained pipeline (UNet in float32, the original VAE and settings) to `args.output_dir`."""
+    state = accelerator.get_state_dict(unet)  # on every process: gathers sharded (FSDP / ZeRO-3) weights
+    if not accelerator.is_main_process:
+        return
+    trained = DiffewSUNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+    trained.load_state_dict({k: v.float().cpu() for k, v in state.items()})
+    pipe = load_pipeline(args.pretrained, unet=trained, processing_resolution=args.resolution)
+    pipe.save_pretrained(args.output_dir)
+    readme = Path(args.output_dir) / "README.md"
+    if args.push_to_hub and not readme.is_file():
+        build_model_card(pipe, repo_id=args.push_to_hub).save(readme)
+    logger.info(f"Saved the trained pipeline to {args.output_dir}")
 
 
 def main(argv=None) -> int:
@@ -302,12 +240,9 @@ def main(argv=None) -> int:
     if resume:
         accelerator.load_state(str(resume[1]))
         logger.info(f"Resumed from {resume[1]} (step {first_step})")
-    uploader = None
-    if args.push_to_hub and accelerator.is_main_process:
-        uploader = CheckpointUploader(args.push_to_hub, token=args.hub_token, private=args.hub_private or None)
+    uploader = make_uploader(args, accelerator)
     if accelerator.is_main_process:
-        accelerator.init_trackers("diffews", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                     for k, v in vars(args).items()})
+        accelerator.init_trackers("diffews", config=tracker_config(args))
     logger.info(
         f"{len(source.class_ids)} classes, {args.max_steps} steps of {args.batch_size} x "
         f"{args.gradient_accumulation_steps} x {accelerator.num_processes} episodes, "
@@ -317,10 +252,33 @@ def main(argv=None) -> int:
     last_step = args.max_steps
     if args.stop_after_steps is not None:
         last_step = min(args.max_steps, first_step + args.stop_after_steps)
-    step = first_step
-    if step < last_step:
-        parts = TrainingParts(unet, vae, optimizer, scheduler, timestep)
-        step = run_steps(args, accelerator, parts, loader, step, last_step, uploader)
+    step, step_loss, sample = first_step, 0.0, args.latent_sampling == "sample"
+    progress = tqdm(total=args.max_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
+    for pixels in loader if step < last_step else ():  # nothing to run when resuming at the last step
+        shots = pixels.support.shape[1]
+        with accelerator.accumulate(unet):
+            latents = encode_episodes(vae, pixels, sample=sample)
+            loss = diffews_loss(unet, latents, timestep)
+            losses = accelerator.gather(loss.detach().reshape(1))  # every process sees every process's loss
+            check_finite(losses, step + 1, shots)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += losses.float().mean().item() / args.gradient_accumulation_steps
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        log_step(accelerator, progress, step, step_loss, scheduler.get_last_lr()[0], shots)
+        step_loss = 0.0
+        if step % args.checkpointing_steps == 0 or step == last_step < args.max_steps:
+            save_checkpoint(accelerator, args, step, uploader)
+        if step >= last_step:
+            break
+    progress.close()
+
     accelerator.wait_for_everyone()
     if step >= args.max_steps:
         save_pipeline(accelerator, args, unet)
