@@ -71,24 +71,25 @@ def train_argv(pretrained, output_dir, **flags) -> list[str]:
     return argv
 
 
-def run_train(argv: list[str]) -> int:
-    from train.train import main
-
+def run_in_process(main, argv: list[str]) -> int:
+    """`main(argv)` of a script, as in a new process (Accelerate's state forgotten before and after)."""
     reset_accelerate()
     try:
         return main(argv)
     finally:
         reset_accelerate()
+
+
+def run_train(argv: list[str]) -> int:
+    from train.train import main
+
+    return run_in_process(main, argv)
 
 
 def run_evaluate(argv: list[str]) -> int:
     from train.evaluate import main
 
-    reset_accelerate()
-    try:
-        return main(argv)
-    finally:
-        reset_accelerate()
+    return run_in_process(main, argv)
 
 
 def unet_weights(pipeline_folder) -> dict:
