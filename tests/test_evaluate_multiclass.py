@@ -7,10 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from tests.fixtures_data import write_jpeg, write_png
 from train import evaluate
-from train.data import build_source
+from train.data import MulticlassEpisodes, build_source, collate_episodes
 from train.data.episodes import draw_multiclass_specs, label_map, load_multiclass_episode
 from train.evaluate import merge_class_masks
 from train.metrics import SemanticSegmentationIoU
@@ -84,6 +85,23 @@ def test_episode_label_maps_hold_the_folds_classes(source, camvid):
     assert episode.shown == [1, 2]
     assert not (episode.query_labels == 3).any() and (episode.query_labels[raw == CAR] == 0).all()
     assert load_multiclass_episode(source, "f000", ["f002"]).shown == [1, 2, 3]
+
+
+def test_multiclass_episodes_are_a_shardable_dataset(source):
+    episodes = MulticlassEpisodes(source, shots=2, num_episodes=5, seed=0)
+    assert episodes.specs == draw_multiclass_specs(source, 2, 5, 0) and len(episodes) == 5
+    query, supports = episodes.specs[3]
+    episode, reference = episodes[3], load_multiclass_episode(source, query, supports)
+    assert (episode.query_key, episode.support_keys, episode.shots) == (query, list(supports), 2)
+    np.testing.assert_array_equal(episode.query_labels, reference.query_labels)
+    shards = [episodes.shard(rank, 2) for rank in range(2)]
+    assert [list(s.indices) for s in shards] == [[0, 2, 4], [1, 3]]
+    loader = torch.utils.data.DataLoader(shards[1], batch_size=1, collate_fn=collate_episodes)
+    assert [batch[0].query_key for batch in loader] == [episodes.specs[1][0], episodes.specs[3][0]]
+    with pytest.raises(ValueError, match="shots must be an integer"):
+        MulticlassEpisodes(source, shots=0)
+    with pytest.raises(ValueError, match="needs more than 6"):
+        MulticlassEpisodes(source, shots=6)
 
 
 def test_multiclass_run_writes_json(saved_pipeline, camvid, tmp_path, capsys):
