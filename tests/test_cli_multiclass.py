@@ -118,3 +118,25 @@ def test_binary_mask_output_unchanged(saved_pipeline, images, tmp_path):
     assert not (tmp_path / "out" / "classes.json").exists()
     with PIL.Image.open(tmp_path / "out" / "a.png") as written:
         assert written.mode == "L" and set(np.unique(np.asarray(written))) <= {0, 255}
+
+
+@pytest.mark.parametrize("values, extra, label_map", [
+    ((0, 4), [], True),  # a grey PNG of class ids: a label map by the rule, no switch needed
+    ((0, 2, 7), [], True),
+    ((0, 1), [], False),  # one id 1: a 0/1 binary mask
+    ((0, 1), ["--multiclass"], True),  # ... unless forced
+    ((0, 255), [], False),  # white on black
+])
+def test_one_rule_decides_what_a_mask_file_is(saved_pipeline, images, tmp_path, values, extra, label_map):
+    labels = np.zeros((40, 48), np.uint8)
+    for i, value in enumerate(values[1:]):
+        labels[5 + 10 * i : 15 + 10 * i, 10:30] = value
+    random_image(48, 40, seed=9).save(tmp_path / "support.png")
+    PIL.Image.fromarray(labels, mode="L").save(tmp_path / "mask.png")
+    support = (tmp_path / "support.png", tmp_path / "mask.png")
+    assert segment(saved_pipeline, support, images / "a.png", tmp_path / "out", *extra) == 0
+    with PIL.Image.open(tmp_path / "out" / "a.png") as written:
+        assert written.mode == ("P" if label_map else "L")
+    assert (tmp_path / "out" / "classes.json").exists() == label_map
+    if label_map:
+        assert list(json.loads((tmp_path / "out" / "classes.json").read_text())) == ["0", *map(str, values[1:])]

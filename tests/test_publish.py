@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from pipeline_diffews.cli import main
 from tests.official_fixtures import official_home, offline_home, release_trees  # noqa: F401
 from tests.tiny_models import random_box_mask, random_image
 from train.model_card import update_model_card
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -109,3 +112,23 @@ def test_publish_errors_are_one_line(offline_home, hub, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
     assert hub["repos"] == []
+
+
+def test_card_only_prints_what_publish_uploads(offline_home, hub, capsys):
+    assert main(["publish", "coco-fold0", "--repo", "someone/fold0", "--card-only"]) == 0
+    printed = capsys.readouterr().out
+    assert hub["repos"] == []  # nothing uploaded
+    assert main(["publish", "coco-fold0", "--repo", "someone/fold0"]) == 0
+    assert (hub["root"] / "someone" / "fold0" / "README.md").read_text() == printed
+
+
+def test_the_top_level_model_card_is_the_incontext_card(tmp_path, monkeypatch, capsys):
+    """`model_card.md` is the card `diffews publish incontext --repo user/diffews-incontext` uploads, rendered from
+    the template inside the package; regenerate it with that command and `--card-only > model_card.md`."""
+    monkeypatch.setenv(official.HOME_ENV, str(tmp_path / "empty"))  # the registry's card: nothing downloaded
+    assert main(["publish", "incontext", "--repo", "user/diffews-incontext", "--card-only"]) == 0
+    expected = capsys.readouterr().out
+    assert (ROOT / "model_card.md").read_text(encoding="utf-8") == expected, (
+        "model_card.md is stale: run `DIFFEWS_HOME=$(mktemp -d) diffews publish incontext --repo "
+        "user/diffews-incontext --card-only > model_card.md`")
+    assert not (tmp_path / "empty").exists()
