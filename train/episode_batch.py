@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
+from pipeline_diffews import DiffewSImageProcessor
 
 
 @dataclass
