@@ -1,12 +1,14 @@
 """The `diffews` command line.
 
     diffews segment --model NAME_DIR_OR_REPO --support IMG --support-mask MASK --input PATH --output DIR
+    diffews segment --model NAME_DIR_OR_REPO --support-dir EXAMPLES --input PATH --output DIR --format coco
     diffews download NAME [--output DIR]
-    diffews publish NAME_OR_DIR --repo OWNER/NAME [--private]
+    diffews publish NAME_OR_DIR --repo OWNER/NAME [--private] [--card-only]
     diffews convert-official --official DIR --base DIR --output DIR
     diffews init-from-sd --base DIR --output DIR
 
-On several GPUs: `accelerate launch -m pipeline_diffews segment ...` (the inputs are split between the processes).
+NAME: an official model (incontext, coco-fold0 .. coco-fold3), downloaded and converted the first time. On several
+GPUs: `accelerate launch -m pipeline_diffews segment ...` (the inputs are split between the processes).
 """
 
 from __future__ import annotations

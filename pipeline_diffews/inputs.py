@@ -2,6 +2,7 @@
 
 `--input` may be one image, one video, a folder (searched recursively, sorted) or a glob pattern. Each file found is a
 `Source` with its path relative to the input's root, which the outputs mirror. Video frames are read with PyAV.
+`--support-dir` names a folder of examples (`find_support_pairs`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 For an input at relative path `a/b.jpg` under `--output OUT`:
     mask        OUT/a/b.png             (8-bit grayscale, 255 = object, at the image's size; with several classes an
                                          index PNG of class ids with the support's palette, named in OUT/classes.json)
-    overlay     OUT/overlays/a/b.png    (with --overlay)
+    overlay     OUT/overlays/a/b.png    (with --overlay: the object tinted and outlined)
+    COCO        OUT/annotations.json    (with --format coco: every still image's masks, `coco.coco_dataset`)
 For a video `a/clip.mp4`:
     mask frames OUT/a/clip/000000.png, 000001.png, ...
     mask video  OUT/a/clip.mp4
