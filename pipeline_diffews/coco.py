@@ -88,6 +88,11 @@ def masks_from_coco(data: dict) -> dict[str, np.ndarray]:
     return label_maps
 
 
+def check_available() -> None:
+    """Raises ImportError with the install command when pycocotools is missing."""
+    _mask_utils()
+
+
 def _mask_utils():
     try:
         from pycocotools import mask

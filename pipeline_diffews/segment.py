@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .coco import COCO_FILE, coco_dataset
+from .coco import COCO_FILE, check_available, coco_dataset
 from .image_processor_diffews import load_mask
 from .inputs import InputError, VideoFrameReader, discover, find_support_pairs, iter_video_frames, read_image
 from .official import ModelNotFoundError, load_pipeline, official_names, resolve_model
@@ -148,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
         for path in args.input:
             sources += discover(path, exclude=args.output)
         plan = make_plan(sources, args.output, args.overlay)
-    except (InputError, OutputConflictError) as error:
+        if args.format == "coco":
+            check_available()
+    except (InputError, OutputConflictError, ImportError) as error:
         return _usage_error(state, error)
 
     counts = Counts(failures=list(plan.failures) if state.is_main_process else [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,11 @@ def test_classes_for_binary_masks_name_one_object(saved_pipeline, tmp_path, caps
     code = segment(saved_pipeline, write_support(tmp_path / "support"), images, tmp_path / "out", "--classes",
                    "cat,dog")
     assert code == 2 and "--classes names 2 class(es) but the support masks are binary" in capsys.readouterr().err
+
+
+def test_without_pycocotools_coco_output_says_what_to_install(saved_pipeline, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # import fails as when not installed
+    images = write_images(tmp_path / "images", corrupt=False)
+    assert segment(saved_pipeline, write_support(tmp_path / "support"), images, tmp_path / "out") == 2
+    assert "pip install 'pipeline-diffews[coco]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
