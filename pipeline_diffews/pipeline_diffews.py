@@ -59,6 +59,8 @@ Examples:
 >>> support = pipe.encode_support(Image.open("cat.jpg"), Image.open("cat_mask.png"))
 >>> out = pipe([Image.open("a.jpg"), Image.open("b.jpg")], support=support)
 >>> out.masks[0].shape  # (H, W) bool, at the size of a.jpg
+>>> # one more example: only its support pass runs
+>>> support = pipe.encode_support(Image.open("b.jpg"), corrected_mask_of_b, extend=support)
 ```
 """
 
@@ -95,9 +97,10 @@ class DiffewSPipelineOutput(BaseOutput):
 class DiffewSSupport:
     """Cached supports of one episode: the K/V of every self-attention layer, ready to be reused by any query.
 
-    Made by `DiffewSPipeline.encode_support`; pass it as `pipe(image, support=...)`. A multi-class support set has
-    `key_values=None` and one cache per class in `class_key_values` (in `class_ids` order; a class's cache holds the
-    shots that show it), with `class_ids`, `class_names` and `palette` as in `DiffewSPipelineOutput`.
+    Made by `DiffewSPipeline.encode_support` (which can also grow one by new shots: `extend=`); pass it as
+    `pipe(image, support=...)`. `num_shots` counts every shot. A multi-class support set has `key_values=None` and
+    one cache per class in `class_key_values` (in `class_ids` order; a class's cache holds the shots that show it),
+    with `class_ids`, `class_names` and `palette` as in `DiffewSPipelineOutput`.
     """
 
     key_values: Any  # unet_diffews.SupportKeyValues, one episode (None with several classes)

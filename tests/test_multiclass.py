@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tests.test_support_cache import support_pass_counter  # noqa: F401 - a fixture: (episodes, shots) per support pass
-from tests.tiny_models import tiny_pipeline
+from tests.tiny_models import input_batch_sizes, tiny_pipeline
 
 RNG = np.random.default_rng(7)
 IMAGES = [RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(2)]
@@ -43,10 +43,8 @@ def reference(pipe):
 @pytest.fixture
 def encoded_images(pipe):
     """How many images each VAE encoder call takes (a forward hook on the real encoder)."""
-    counts = []
-    handle = pipe.vae.encoder.register_forward_hook(lambda module, args, output: counts.append(args[0].shape[0]))
-    yield counts
-    handle.remove()
+    with input_batch_sizes(pipe.vae.encoder) as counts:
+        yield counts
 
 
 def _one_class(pipe, class_id, query, **kwargs):
@@ -151,6 +149,12 @@ def test_binary_masks_keep_one_class_output(pipe):
     assert union.label_maps is None
     masks, probabilities = pipe(QUERIES[0], support_images=IMAGES[:1], support_masks=[single_id], return_dict=False)
     np.testing.assert_array_equal(masks[0], binary.masks[0])
+
+
+def test_return_dict_false_gives_masks_and_probabilities_for_several_classes(pipe, reference):
+    masks, probabilities = pipe(QUERIES[0], support_images=IMAGES, support_masks=LABELS, batch_size=3, return_dict=False)
+    np.testing.assert_array_equal(masks[0], reference.masks[0])
+    np.testing.assert_array_equal(probabilities[0], reference.probabilities[0])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import RESOLUTION, tiny_pipeline
+from tests.tiny_models import RESOLUTION, input_batch_sizes, tiny_pipeline
 
 RNG = np.random.default_rng(5)
 IMAGES = [RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
@@ -44,10 +44,8 @@ def pipe():
 @pytest.fixture
 def support_inputs(pipe):
     """The batch size of every call of the support input layer `conv_in_ref` (a forward hook on the real layer)."""
-    calls = []
-    handle = pipe.unet.conv_in_ref.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-    yield calls
-    handle.remove()
+    with input_batch_sizes(pipe.unet.conv_in_ref) as calls:
+        yield calls
 
 
 def _assert_same_outputs(pipe, grown, at_once, **kwargs):

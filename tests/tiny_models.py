@@ -7,6 +7,7 @@ and a 2-layer CLIP text encoder with a 32-dim output. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,18 @@ def random_box_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
     mask[top : top + h // 3, left : left + w // 3] = True
     return mask
+
+
+@contextmanager
+def input_batch_sizes(module: torch.nn.Module):
+    """Yields the list of the batch sizes of every call of `module` while the context lasts (a forward hook on the
+    real layer)."""
+    sizes = []
+    handle = module.register_forward_hook(lambda layer, args, output: sizes.append(args[0].shape[0]))
+    try:
+        yield sizes
+    finally:
+        handle.remove()
 
 
 def tiny_unet(seed: int = 0) -> DiffewSUNet2DConditionModel:
