@@ -129,9 +129,7 @@ def evaluation_dtype(args: argparse.Namespace, device: torch.device) -> torch.dt
 
 def load_evaluated_pipeline(args: argparse.Namespace, device: torch.device):
     """The pipeline under test (`load_pipeline`: folder, Hub id or official name) on `device`, no progress bar."""
-    pipe = load_pipeline(args.pretrained, dtype=evaluation_dtype(args, device)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(args.pretrained, dtype=evaluation_dtype(args, device), device=device)
 
 
 def call_options(resolution: int | str, threshold_mode=None, threshold=None, threshold_precision=None) -> dict:
