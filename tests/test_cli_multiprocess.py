@@ -26,7 +26,8 @@ def test_two_processes_write_the_same_files_as_one(saved_pipeline, tmp_path):
     write_video(tmp_path / "inputs" / "clips" / "clip.mp4", num_frames=3)
     image, mask = write_support(tmp_path / "support")
     args = ["segment", "--model", str(saved_pipeline), "--support", str(image), "--support-mask", str(mask),
-            "--input", str(inputs), "--overlay", "--batch-size", "2", "--device", "cpu", "--no-progress", "--format", "coco"]
+            "--input", str(inputs), "--overlay", "--batch-size", "2", "--device", "cpu", "--no-progress",
+            "--format", "coco"]
 
     assert main(args + ["--output", str(tmp_path / "one")]) == 1
 
