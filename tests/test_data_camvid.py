@@ -5,7 +5,8 @@ import pytest
 
 from tests.fixtures_data import CAMVID, needs_camvid
 from train.data.camvid import CAMVID_CLASSES, CamVid
-from train.data.episodes import EvaluationEpisodes, TrainingEpisodes
+from train.data.episodes import EvaluationEpisodes
+from train.data.training_episodes import TrainingEpisodes
 from train.data.registry import build_source
 
 pytestmark = needs_camvid

@@ -6,15 +6,9 @@ import torch
 from PIL import Image
 
 from train.data.base import FewShotSource
-from train.data.episodes import (
-    Episode,
-    EvaluationEpisodes,
-    TrainingEpisodes,
-    collate_episodes,
-    draw_plan_specs,
-    sample_training_episode,
-)
+from train.data.episodes import Episode, EvaluationEpisodes, collate_episodes, draw_plan_specs
 from train.data.protocol import EpisodePlan, fold_class_ids
+from train.data.training_episodes import TrainingEpisodes, draw_training_spec, sample_training_episode
 
 
 class MemSource(FewShotSource):
@@ -199,7 +193,6 @@ def test_training_shots_per_step_and_own_supports():
             if shots[step] >= 3:
                 assert s.class_id != 3
     rng = np.random.default_rng([0, 4, 3])                        # documented seeding
-    from train.data.episodes import draw_training_spec
     assert ds.spec(4, 3) == draw_training_spec(src, shots[4], rng, ds.class_ids_by_shots[shots[4]])
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from tests.fixtures_data import make_ade, make_coco, make_voc
-from train.data.episodes import EvaluationEpisodes, TrainingEpisodes
+from train.data.episodes import EvaluationEpisodes
+from train.data.training_episodes import TrainingEpisodes
 from train.data.incontext import ConcatSource, InContextSource
 from train.data.registry import SOURCES, build_source
 

@@ -17,17 +17,14 @@ from .episodes import (
     EvaluationEpisodes,
     MulticlassEpisode,
     MulticlassEpisodes,
-    StepBatchSampler,
-    TrainingEpisodes,
     collate_episodes,
     draw_evaluation_specs,
-    draw_training_spec,
     load_episode,
-    sample_training_episode,
 )
 from .incontext import ConcatSource
 from .protocol import EpisodePlan, fold_class_ids
 from .registry import SOURCES, build_source
+from .training_episodes import StepBatchSampler, TrainingEpisodes, draw_training_spec, sample_training_episode
 
 __all__ = [
     "IGNORE", "FewShotSource", "IndexedSource", "Episode", "EpisodeSpec", "EvaluationEpisodes",

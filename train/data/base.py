@@ -8,7 +8,7 @@ split, fold 0, test classes), restricted to a set of class ids. It answers three
 * the binary mask of ``c`` in ``k``  -> :meth:`FewShotSource.load_mask`, uint8 HxW with
   0 = background, 1 = the class, 255 = ignore (VOC borders, CamVid "Unlabelled", ...).
 
-Episode sampling (``train.data.episodes``) is built on these three methods, and on
+Episode sampling (``train.data.episodes``, ``train.data.training_episodes``) is built on these three methods, and on
 :meth:`FewShotSource.evaluation_plan`, which says how the benchmark's reference code draws
 its test episodes (a default, HSNet's COCO-20i loop, serves every source).
 

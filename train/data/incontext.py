@@ -7,7 +7,7 @@
   COCO 0..79, ADE20K 80..229, VOC 230..249 in the in-context mix;
 * class names are prefixed with the part's name (``"coco/person"``) and image keys too
   (``"coco:train2014/COCO_train2014_000000000009.jpg"``);
-* training episodes (``train.data.episodes.draw_training_spec``) draw the class with
+* training episodes (``train.data.training_episodes.draw_training_spec``) draw the class with
   ``class_weights``: ``weighting="classes"`` (default) is uniform over all classes, so a
   dataset is drawn in proportion to its number of classes (80 : 150 : 20);
   ``weighting="uniform"`` gives every dataset the same probability, then a uniform class
