@@ -1,4 +1,5 @@
-"""DiffewS demo: show the model a few example images with the object painted, and it finds that object in new images.
+"""DiffewS demo: show the model a few example images with the object painted, and it finds that object in new images;
+correct a result, keep it as an example, and take every mask home.
 
 Run `python app.py [--model NAME_DIR_OR_REPO] [--port PORT] [--share]`; the model can also be named by DIFFEWS_MODEL.
 The default is the authors' in-context model (`incontext`), downloaded and converted on the first start.
@@ -16,6 +17,7 @@ class ids; 0 = background, 255 = ignored), and each query gets an index PNG with
         support_images=[handle_file("street.jpg")], support_masks=[handle_file("street_labels.png")],
         queries=[handle_file("a.jpg")], class_names="1: road, 2: car", threshold_mode="relative", threshold=0.25,
         api_name="/segment_classes")
+    # class_probabilities[i][k]: query i's probability PNG of the legend's class k
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 import demo_utils
 from demo_utils import InputError
+from pipeline_diffews.official import ModelNotFoundError, load_pipeline, official_names
 
 try:
     import spaces
@@ -39,18 +42,20 @@ except ImportError:
 
 DEFAULT_MODEL_ID = "incontext"  # an official name: pipeline_diffews.resolve_model
 MODEL_ENV = "DIFFEWS_MODEL"
-MAX_SHOTS = 5  # example images (supports) per request
+MAX_SHOTS = 5  # examples (supports) per set: the example tabs, and the most a set may grow to
 MAX_QUERIES = 16  # images to segment per request
 GPU_DURATION_S = 60
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 THRESHOLD_MODES = ["relative", "absolute"]
+SESSION_TTL_S = 3600  # a session's example set and results are dropped this long after its last use
 
 CSS = """
-#status {min-height: 2.5em}
+#status, #example-set {min-height: 2.5em}
+#overlays .caption-label, #probabilities .caption-label {white-space: normal; overflow: visible; max-width: none}
 """
 
 _PIPE = None
-_CACHE = demo_utils.SupportCache(max_items=8)
+_OUTPUTS = {}  # api name -> its output components (files inside JSON are put in a component's cache)
 
 
 def gpu(duration: int):
@@ -61,48 +66,9 @@ def gpu(duration: int):
 
 
 @gpu(duration=GPU_DURATION_S)
-def _run_pipeline(support_images, support_masks, queries, threshold_mode, threshold, support, multiclass=False):
-    """The only function that runs the model (on the GPU lease when there is one)."""
-    return demo_utils.segment(
-        _PIPE, support_images, support_masks, queries, threshold_mode, threshold, support, multiclass=multiclass
-    )
-
-
-def _segment(support_images, support_masks, queries, names, threshold_mode, threshold, classes=None):
-    """Shared by the page, `/segment` and `/segment_classes`: checks, cache lookup, model, result files.
-
-    support_masks: bool masks (one class), or uint8 label maps with `classes` = (names text, palette or None): then
-    every class is segmented and the files are index PNGs and per-class probabilities.
-    Returns (result, files, status, legend entries or None).
-    """
-    demo_utils.check_support_set(support_images, support_masks, MAX_SHOTS)
-    if not queries:
-        raise InputError("Add at least one image to segment.")
-    if len(queries) > MAX_QUERIES:
-        raise InputError(f"Segment at most {MAX_QUERIES} images at a time, got {len(queries)}.")
-    if threshold_mode not in THRESHOLD_MODES:
-        raise InputError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}.")
-    if threshold is None or not 0.0 <= float(threshold) <= 1.0:
-        raise InputError(f"threshold must be in [0, 1], got {threshold!r}.")
-
-    key = demo_utils.support_key(support_images, support_masks, _PIPE.config.processing_resolution)
-    cached = _CACHE.get(key)
-    multiclass = classes is not None
-    result = _run_pipeline(support_images, support_masks, queries, threshold_mode, float(threshold), cached, multiclass)
-    _CACHE.put(key, result.support)
-
-    status = demo_utils.describe(result, support_masks, cached is not None, _PIPE.device)
-    if not multiclass:
-        files = demo_utils.save_results(names, result.masks, result.probabilities, demo_utils.output_folder())
-        return result, files, status, None
-    names_text, palette = classes
-    colors = demo_utils.class_colors(result.class_ids, palette)
-    entries = demo_utils.legend(result.class_ids, demo_utils.parse_class_names(names_text, result.class_ids), colors)
-    files = demo_utils.save_label_maps(
-        names, result.label_maps, result.class_probabilities, result.class_ids,
-        demo_utils.output_palette(colors, palette), demo_utils.output_folder(),
-    )
-    return result, files, status + "\n\n" + demo_utils.legend_markdown(entries, result.label_maps), entries
+def _on_device(task, *args, **kwargs):
+    """The only way the model runs (on the GPU lease when there is one): `task(pipeline, *args, **kwargs)`."""
+    return task(_PIPE, *args, **kwargs)
 
 
 def _user_errors(fn):
@@ -118,10 +84,42 @@ def _user_errors(fn):
     return wrapper
 
 
+# ---------------------------------------------------------------------------------------------- segmenting
+
+
+def _check_request(queries, threshold_mode, threshold) -> None:
+    if not queries:
+        raise InputError("Add at least one image to segment.")
+    if len(queries) > MAX_QUERIES:
+        raise InputError(f"Segment at most {MAX_QUERIES} images at a time, got {len(queries)}.")
+    if threshold_mode not in THRESHOLD_MODES:
+        raise InputError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}.")
+    if threshold is None or not 0.0 <= float(threshold) <= 1.0:
+        raise InputError(f"threshold must be in [0, 1], got {threshold!r}.")
+
+
+def _segment(support_images, support_masks, queries, threshold_mode, threshold, cached, multiclass):
+    """Shared by the page and the endpoints: checks, then the model (the supports encoded unless `cached` holds them).
+    Returns (demo_utils.Segmentation, status line)."""
+    demo_utils.check_support_set(support_images, support_masks, MAX_SHOTS)
+    _check_request(queries, threshold_mode, threshold)
+    result = _on_device(demo_utils.segment, support_images, support_masks, queries, threshold_mode, float(threshold),
+                        cached, multiclass=multiclass)
+    return result, demo_utils.describe(result, support_masks, cached is not None, _PIPE.device)
+
+
+def _classes(result, names_text, palette):
+    """(legend entries, palette of the outputs) of a multi-class result."""
+    colors = demo_utils.class_colors(result.class_ids, palette)
+    entries = demo_utils.legend(result.class_ids, demo_utils.parse_class_names(names_text, result.class_ids), colors)
+    return entries, demo_utils.output_palette(colors, palette)
+
+
 def _read_queries(paths, what: str = "Image to segment"):
+    """Gallery items or files -> (RGB images, file names, paths)."""
     paths = [p[0] if isinstance(p, (tuple, list)) else p for p in paths or []]
     images = [demo_utils.to_rgb(demo_utils.open_image(p, f"{what} {i}")) for i, p in enumerate(paths, 1)]
-    return images, [Path(p).name for p in paths]
+    return images, [Path(p).name for p in paths], [str(p) for p in paths]
 
 
 def _read_support_files(support_images, support_masks, read) -> tuple[list, list[np.ndarray]]:
@@ -140,50 +138,265 @@ def _read_support_files(support_images, support_masks, read) -> tuple[list, list
     return images, masks
 
 
-@_user_errors
-def segment_page(*args):
-    """The page's Segment button: editors and mask files (MAX_SHOTS each), query gallery, threshold mode, threshold,
-    and optionally the class names text.
+def _cached_segment(cache, images, masks, queries, threshold_mode, threshold, multiclass):
+    """`_segment` with the session's support cache (`demo_utils.SupportCache`)."""
+    key = demo_utils.support_key(images, masks, _PIPE.config.processing_resolution)
+    result, status = _segment(images, masks, queries, threshold_mode, threshold, cache.get(key), multiclass)
+    cache.put(key, result.support)
+    return result, status
 
-    One class painted (one brush colour, or a one-class mask file): masks as before. Several brush colours (or a
-    label-map file with several ids): one class per colour, label maps, and the legend in the status.
-    """
-    editors, mask_files = args[:MAX_SHOTS], args[MAX_SHOTS : 2 * MAX_SHOTS]
-    query_items, threshold_mode, threshold, *rest = args[2 * MAX_SHOTS :]
-    class_names = rest[0] if rest else None
-    supports = [demo_utils.support_from_editor(v, i, m) for i, (v, m) in enumerate(zip(editors, mask_files), 1)]
-    used_files = [m for v, m in zip(editors, mask_files) if v and v.get("background") is not None and m is not None]
-    supports = [s for s in supports if s is not None]
+
+# ---------------------------------------------------------------------------------------------- the page
+
+
+def _views(session: demo_utils.Session, palette):
+    """The page's result views of a session: overlays and probability maps (with captions), mask files."""
+    result, examples = session.result, session.examples
+    overlays, heatmaps = [], []
+    names = session.names
+    for index, (query, name) in enumerate(zip(session.queries, names)):
+        labels = result.labels(index)
+        if examples.multiclass:
+            shares = ", ".join(
+                f"{session.class_names.get(k, f'class {k}')} {100 * (labels == k).mean():.1f}%"
+                for k in result.class_ids
+            )
+        else:
+            shares = f"{100 * (labels > 0).mean():.1f}%"
+        overlays.append((demo_utils.overlay(query, labels, palette), f"{name}: {shares}"))
+        heatmaps.append((demo_utils.colorize(result.probabilities[index]), name))
+    folder = demo_utils.output_folder()
+    if examples.multiclass:
+        files, _ = demo_utils.save_label_maps(names, result.label_maps, result.class_probabilities, result.class_ids,
+                                              palette, folder)
+    else:
+        files, _ = demo_utils.save_results(names, result.masks, result.probabilities, folder)
+    return overlays, heatmaps, files
+
+
+def _palette(session: demo_utils.Session) -> list[int]:
+    """The output palette of the session's classes (its mask file's palette, else the brush colours)."""
+    examples = session.examples
+    ids = demo_utils.class_ids_of(examples) or [1]
+    return demo_utils.output_palette(demo_utils.class_colors(ids, examples.palette), examples.palette)
+
+
+def _page_segment(session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names):
+    """The Segment button: the editors' examples (the session's example set when they are unchanged, with the
+    results added to it) segment the gallery's images. Returns (session, overlays, heatmaps, mask files, status)."""
+    session = session or demo_utils.Session()
+    editor_ids = editor_ids or [None] * MAX_SHOTS
+    supports, used_files = [], []
+    for number, (value, mask_file, ids) in enumerate(zip(editors, mask_files, editor_ids), 1):
+        ids = (ids or {}).get("ids")
+        support = demo_utils.support_from_editor(value, number, mask_file, ids)
+        if support is not None:
+            supports.append(support)
+            if mask_file is not None:
+                used_files.append(mask_file)
     if not supports:
         raise InputError("Add at least one example image (upload it above) and paint the object in it.")
-    queries, names = _read_queries(query_items)
+    queries, names, paths = _read_queries(query_items)
     images, labels = [s[0] for s in supports], [s[1] for s in supports]
     ids = sorted({k for m in labels for k in demo_utils.class_ids(m)})
     palette = next((p for p in map(demo_utils.file_palette, used_files) if p is not None), None)
-    colors = demo_utils.class_colors(ids, palette)
-    if len(ids) <= 1:  # one class: bool masks, the one-class call
-        masks = [(m > 0) & (m < demo_utils.IGNORE) for m in labels]
-        result, (mask_paths, _), status, _ = _segment(images, masks, queries, names, threshold_mode, threshold)
-        color = {1: colors[ids[0]]} if ids else None
-        overlays = [
-            (demo_utils.overlay(query, mask, colors=color), f"{name}: {100 * mask.mean():.1f}%")
-            for query, mask, name in zip(queries, result.masks, names)
-        ]
-    else:
-        result, (mask_paths, _), status, entries = _segment(
-            images, labels, queries, names, threshold_mode, threshold, classes=(class_names, palette)
+    palette = palette or next((e["palette"] for e in editor_ids if e and e.get("palette")), None)
+    multiclass = len(ids) > 1
+    masks = labels if multiclass else [(m > 0) & (m < demo_utils.IGNORE) for m in labels]
+    key = demo_utils.support_key(images, masks, _PIPE.config.processing_resolution)
+    examples = session.examples
+    if examples is None or examples.key != key:  # new examples: a new set (the corrections added to the old one go)
+        demo_utils.check_support_set(images, masks, MAX_SHOTS)
+        examples = demo_utils.ExampleSet(
+            images=images, masks=masks, names=[f"example_{i}" for i in range(1, len(images) + 1)],
+            num_given=len(images), multiclass=multiclass, key=key, support=None, palette=palette,
         )
-        overlays = [
-            (demo_utils.overlay(query, labels, colors=colors),
-             f"{name}: " + ", ".join(f"{e['name']} {100 * (labels == e['id']).mean():.1f}%" for e in entries))
-            for query, labels, name in zip(queries, result.label_maps, names)
-        ]
-    heatmaps = [(demo_utils.colorize(p), n) for p, n in zip(result.probabilities, names)]
-    return overlays, heatmaps, mask_paths, status
+    result, status = _segment(examples.images, examples.masks, queries, threshold_mode, threshold, examples.support,
+                              multiclass)
+    examples.support = result.support
+    session.examples, session.result, session.editing = examples, result, None
+    session.queries, session.names, session.paths = queries, names, paths
+    session.class_names = demo_utils.parse_class_names(class_names, ids) if multiclass else {}
+    out_palette = _palette(session)
+    overlays, heatmaps, files = _views(session, out_palette)
+    if multiclass:
+        entries, _ = _classes(result, class_names, palette)
+        status += "\n\n" + demo_utils.legend_markdown(entries, result.label_maps)
+    return session, overlays, heatmaps, files, status
 
 
 @_user_errors
-def segment(support_images, support_masks, queries, threshold_mode, threshold):
+def segment_page(*args):
+    """The page's Segment button without a session: editors and mask files (MAX_SHOTS each), query gallery,
+    threshold mode, threshold, and optionally the class names text. Returns (overlays, heatmaps, mask files, status).
+
+    One class painted (one brush colour, or a one-class mask file): masks. Several brush colours (or a label-map file
+    with several ids): one class per colour, label maps, and the legend in the status.
+    """
+    editors, mask_files = args[:MAX_SHOTS], args[MAX_SHOTS : 2 * MAX_SHOTS]
+    query_items, threshold_mode, threshold, *rest = args[2 * MAX_SHOTS :]
+    return _page_segment(None, None, editors, mask_files, query_items, threshold_mode, threshold,
+                         rest[0] if rest else None)[1:]
+
+
+def _download(session: demo_utils.Session):
+    return gr.DownloadButton(value=str(demo_utils.export_zip(session, _palette(session), demo_utils.output_folder())),
+                             interactive=True)
+
+
+@_user_errors
+def run_segment(session, editor_ids, *args):
+    """The page's Segment button: `segment_page`'s inputs after the session and the editors' class ids; also gives
+    the session, the example set's line and the download."""
+    editors, mask_files = args[:MAX_SHOTS], args[MAX_SHOTS : 2 * MAX_SHOTS]
+    query_items, threshold_mode, threshold, class_names = args[2 * MAX_SHOTS :]
+    session, overlays, heatmaps, files, status = _page_segment(
+        session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names
+    )
+    return (session, overlays, heatmaps, files, status, demo_utils.describe_set(session.examples, MAX_SHOTS),
+            _download(session))
+
+
+@_user_errors
+def open_result(session, evt: gr.SelectData):
+    """A click on a result: its image, with its mask (one brush colour per class) as the layer, goes to the
+    correction editor (through `pending`: the editor is cleared first, see `_show`)."""
+    if session is None or session.result is None:
+        raise InputError("Segment some images first.")
+    index = evt.index if isinstance(evt.index, int) else evt.index[0]
+    session.editing = index
+    ids = session.result.class_ids or [1]
+    value = demo_utils.editor_value(session.queries[index], session.result.labels(index), ids)
+    note = (f"Correcting **{session.names[index]}**: the brush adds, the eraser removes"
+            f"{' (one brush colour per class, in the legend order)' if len(ids) > 1 else ''}; "
+            "then press **Add as example**.")
+    return session, value, None, note
+
+
+@_user_errors
+def add_example(session, correction, threshold_mode, threshold):
+    """Add as example: the corrected result becomes a shot of the session's example set (the cached support grows by
+    that shot alone) and the other images are segmented again with it."""
+    if session is None or session.result is None or session.editing is None:
+        raise InputError("Click a result first, correct its mask, then add it as an example.")
+    examples, index = session.examples, session.editing
+    if examples.num_shots >= MAX_SHOTS:
+        raise InputError(f"The example set holds {examples.num_shots} examples, the most it may hold ({MAX_SHOTS}).")
+    ids = session.result.class_ids or [1]
+    image, labels = demo_utils.support_from_editor(correction, examples.num_shots + 1, None, ids)
+    if image.size != session.queries[index].size:
+        raise InputError("The corrected image is not the result's image: click the result again.")
+    mask = labels if examples.multiclass else (labels > 0) & (labels < demo_utils.IGNORE)
+    support, seconds = _on_device(demo_utils.extend_support, examples.support, image, mask, examples.multiclass)
+    examples.images.append(image)
+    examples.masks.append(mask)
+    examples.names.append(demo_utils.unique_stems([*examples.names, session.names[index]])[-1])
+    examples.support, examples.last_added_seconds = support, seconds
+    others = [i for i in range(len(session.queries)) if i != index]
+    result = session.result
+    if others:
+        _check_request([session.queries[i] for i in others], threshold_mode, threshold)
+        again = _on_device(demo_utils.segment, examples.images, examples.masks, [session.queries[i] for i in others],
+                           threshold_mode, float(threshold), support, multiclass=examples.multiclass)
+        for position, i in enumerate(others):
+            result.masks[i], result.probabilities[i] = again.masks[position], again.probabilities[position]
+            if result.label_maps is not None:
+                result.label_maps[i] = again.label_maps[position]
+                result.class_probabilities[i] = again.class_probabilities[position]
+    result.masks[index] = labels > 0
+    result.probabilities[index] = result.masks[index].astype(np.float32)
+    if result.label_maps is not None:
+        result.label_maps[index] = labels
+    session.editing = None
+    overlays, heatmaps, files = _views(session, _palette(session))
+    count = len(others)
+    status = (f"Added {session.names[index]} as example {examples.num_shots} in {seconds:.2f} s; "
+              f"segmented the other {count} image{'s' if count != 1 else ''} again with it.")
+    return (session, overlays, heatmaps, files, status, demo_utils.describe_set(examples, MAX_SHOTS),
+            _download(session), "")
+
+
+@_user_errors
+def check_mask_file(editor_value, path, number: int):
+    """Checks an uploaded mask file against its example image. Returns its uint8 label map [H, W]."""
+    if path is None:
+        return None
+    if not editor_value or editor_value.get("background") is None:
+        raise InputError(f"Upload example image {number} first, then its mask.")
+    height, width = np.asarray(editor_value["background"]).shape[:2]
+    labels = demo_utils.read_label_map(path, (width, height), f"The mask file of example {number}")
+    ids = demo_utils.class_ids(labels)
+    if not ids:
+        raise InputError(f"The mask file of example {number} is empty: the object must be white (or painted).")
+    area = 100 * ((labels > 0) & (labels < demo_utils.IGNORE)).mean()
+    classes = f", {len(ids)} classes: ids {', '.join(map(str, ids))}" if len(ids) > 1 else ""
+    gr.Info(f"Example {number}: mask loaded ({area:.1f}% of the image{classes}); edit it with the brush and eraser.")
+    return labels
+
+
+@_user_errors
+def load_mask_file(editor_value, path, editor_ids, number: int):
+    """A mask file uploaded for an example: it becomes the editor's painted layer (one brush colour per class), to be
+    edited like strokes. Returns (pending editor value, cleared editor, cleared file, editor class ids)."""
+    labels = check_mask_file(editor_value, path, number)
+    if labels is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    ids = demo_utils.class_ids(labels)
+    editor_ids = list(editor_ids or [None] * MAX_SHOTS)
+    editor_ids[number - 1] = {"ids": ids, "palette": demo_utils.file_palette(path)}
+    return demo_utils.editor_value(demo_utils.editor_image(editor_value), labels, ids), None, None, editor_ids
+
+
+def _examples() -> list[dict]:
+    """The example sets of examples/: per folder its name, example images with painted layers, images to segment."""
+    sets = []
+    for folder in sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()) if EXAMPLES_DIR.is_dir() else []:
+        supports = sorted(folder.glob("support_[0-9].png"))[:MAX_SHOTS]
+        queries = [str(p) for p in sorted(folder.glob("query_*.png"))]
+        if supports and queries:
+            sets.append({"name": folder.name, "supports": supports, "queries": queries})
+    return sets
+
+
+def _example_values(example: dict) -> list:
+    """The editor values of an example set: each example image with its mask (`<name>_mask.png`) as the layer."""
+    values = []
+    for support in example["supports"]:
+        image = demo_utils.open_image(support, support.name)
+        mask = demo_utils.read_mask(support.with_name(f"{support.stem}_mask.png"), image.size, f"{support.stem} mask")
+        values.append(demo_utils.editor_value(image, mask))
+    return values + [None] * (MAX_SHOTS - len(values))
+
+
+def _show(pending):
+    """The second step of showing values in editors: the editors were cleared by the first step (so each places its
+    layer over its image, see `demo_utils.editor_value`), now they get `pending`."""
+    return pending
+
+
+def _file_endpoint(fn, api_name: str, defaults: dict, extra_inputs: list[tuple], outputs: list[tuple]) -> None:
+    """A hidden API endpoint that takes files: (support_images, support_masks, queries, *extra_inputs, threshold_mode,
+    threshold) -> outputs. `outputs` are (kind, name) pairs, kind "files", "text" or "json"; `extra_inputs` are
+    (kind, name, default value) triples. The session's support cache is a gr.State."""
+    kinds = {"files": functools.partial(gr.File, file_count="multiple"), "text": gr.Textbox, "json": gr.JSON}
+    with gr.Column(visible=False):
+        cache = gr.State(None, time_to_live=SESSION_TTL_S)
+        inputs = [kinds["files"](label=name) for name in ("support_images", "support_masks", "queries")]
+        inputs += [kinds[kind](label=name, value=value) for kind, name, value in extra_inputs]
+        inputs += [
+            gr.Radio(THRESHOLD_MODES, value=defaults["mode"], label="threshold_mode"),
+            gr.Number(value=defaults["threshold"], label="threshold", minimum=0, maximum=1),
+        ]
+        components = [kinds[kind](label=name) for kind, name in outputs]
+        button = gr.Button()
+
+    button.click(fn, [cache, *inputs], [cache, *components], api_name=api_name, concurrency_limit=1,
+                 concurrency_id="gpu")
+    _OUTPUTS[api_name] = components
+
+
+@_user_errors
+def segment(cache, support_images, support_masks, queries, threshold_mode, threshold):
     """Segments each query image: finds the object marked in the support images' masks.
 
     Args:
@@ -195,15 +408,19 @@ def segment(support_images, support_masks, queries, threshold_mode, threshold):
 
     Returns:
         mask PNG files (L, 0/255, each at its query's size), probability PNG files (L, 0..255), a status line.
+        (The session's support cache comes first, in and out: a gr.State, not part of the API.)
     """
+    cache = cache or demo_utils.SupportCache()
     images, masks = _read_support_files(support_images, support_masks, demo_utils.read_mask)
-    queries, names = _read_queries(queries, "Query")
-    _, (mask_files, probability_files), status, _ = _segment(images, masks, queries, names, threshold_mode, threshold)
-    return mask_files, probability_files, status
+    queries, names, _ = _read_queries(queries, "Query")
+    result, status = _cached_segment(cache, images, masks, queries, threshold_mode, threshold, False)
+    mask_files, probability_files = demo_utils.save_results(names, result.masks, result.probabilities,
+                                                            demo_utils.output_folder())
+    return cache, mask_files, probability_files, status
 
 
 @_user_errors
-def segment_classes(support_images, support_masks, queries, class_names, threshold_mode, threshold):
+def segment_classes(cache, support_images, support_masks, queries, class_names, threshold_mode, threshold):
     """Segments every class of the support label maps in each query image, in one call.
 
     Args:
@@ -218,67 +435,28 @@ def segment_classes(support_images, support_masks, queries, class_names, thresho
 
     Returns:
         label map PNG files (mode P, one per query at its size: 0 = background, k = class k; the palette of the first
-        palette mask, else the legend's colours), class probability PNG files (L, 0..255; per query, one per class
-        in the legend's order), the legend (a list of {"id", "name", "color"}), a status line.
+        palette mask, else the legend's colours), class probability PNG files grouped per query (a list per query,
+        one L PNG (0..255) per class in the legend's order), the legend (a list of {"id", "name", "color"}), a plain
+        text status line. (The session's support cache comes first, in and out: a gr.State, not part of the API.)
     """
+    cache = cache or demo_utils.SupportCache()
     images, labels = _read_support_files(support_images, support_masks, demo_utils.read_label_map)
     palette = next((p for p in map(demo_utils.file_palette, support_masks or []) if p is not None), None)
-    queries, names = _read_queries(queries, "Query")
-    _, (label_files, probability_files), status, entries = _segment(
-        images, labels, queries, names, threshold_mode, threshold, classes=(class_names, palette)
+    queries, names, _ = _read_queries(queries, "Query")
+    result, status = _cached_segment(cache, images, labels, queries, threshold_mode, threshold, True)
+    entries, out_palette = _classes(result, class_names, palette)
+    label_files, probability_files = demo_utils.save_label_maps(
+        names, result.label_maps, result.class_probabilities, result.class_ids, out_palette,
+        demo_utils.output_folder(),
     )
-    return label_files, probability_files, entries, status
-
-
-@_user_errors
-def check_mask_file(editor_value, path, number: int):
-    """Checks an uploaded mask file against its example image as soon as it arrives."""
-    if path is None:
-        return
-    if not editor_value or editor_value.get("background") is None:
-        raise InputError(f"Upload example image {number} first, then its mask.")
-    height, width = np.asarray(editor_value["background"]).shape[:2]
-    labels = demo_utils.read_label_map(path, (width, height), f"The mask file of example {number}")
-    ids = demo_utils.class_ids(labels)
-    if not ids:
-        raise InputError(f"The mask file of example {number} is empty: the object must be white (or painted).")
-    area = 100 * ((labels > 0) & (labels < demo_utils.IGNORE)).mean()
-    classes = f", {len(ids)} classes: ids {', '.join(map(str, ids))}" if len(ids) > 1 else ""
-    gr.Info(f"Example {number}: mask loaded ({area:.1f}% of the image{classes}); it replaces painted strokes.")
-
-
-def _examples(threshold_mode: str, threshold: float) -> list[list]:
-    """One row per folder of examples/: editor values (background + painted layer), no mask files, the queries."""
-    rows = []
-    for folder in sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()) if EXAMPLES_DIR.is_dir() else []:
-        supports = sorted(folder.glob("support_[0-9].png"))[:MAX_SHOTS]
-        queries = [str(p) for p in sorted(folder.glob("query_*.png"))]
-        if not supports or not queries:
-            continue
-        editors = [
-            {"background": str(s), "layers": [str(s.with_name(f"{s.stem}_paint.png"))], "composite": None}
-            for s in supports
-        ]
-        editors += [None] * (MAX_SHOTS - len(editors))
-        rows.append(editors + [None] * MAX_SHOTS + [queries, threshold_mode, threshold])
-    return rows
-
-
-def _file_endpoint(fn, api_name: str, defaults: dict, extra_inputs: list[tuple], outputs: list[tuple]) -> None:
-    """A hidden API endpoint that takes files: (support_images, support_masks, queries, *extra_inputs, threshold_mode,
-    threshold) -> outputs. `outputs` are (kind, name) pairs, kind "files", "text" or "json"; `extra_inputs` are
-    (kind, name, default value) triples."""
-    kinds = {"files": functools.partial(gr.File, file_count="multiple"), "text": gr.Textbox, "json": gr.JSON}
-    with gr.Column(visible=False):
-        inputs = [kinds["files"](label=name) for name in ("support_images", "support_masks", "queries")]
-        inputs += [kinds[kind](label=name, value=value) for kind, name, value in extra_inputs]
-        inputs += [
-            gr.Radio(THRESHOLD_MODES, value=defaults["mode"], label="threshold_mode"),
-            gr.Number(value=defaults["threshold"], label="threshold", minimum=0, maximum=1),
-        ]
-        components = [kinds[kind](label=name) for kind, name in outputs]
-        button = gr.Button()
-    button.click(fn, inputs, components, api_name=api_name, concurrency_limit=1, concurrency_id="gpu")
+    block = _OUTPUTS["segment_classes"][1]  # files inside JSON are served once they are in the output's cache
+    probability_files = [
+        [{"path": gr.processing_utils.move_resource_to_block_cache(p, block), "orig_name": Path(p).name,
+          "meta": {"_type": "gradio.FileData"}} for p in group]
+        for group in probability_files
+    ]
+    status += " " + demo_utils.legend_text(entries, result.label_maps)
+    return cache, label_files, probability_files, entries, status
 
 
 def build_demo(pipe) -> gr.Blocks:
@@ -286,13 +464,36 @@ def build_demo(pipe) -> gr.Blocks:
     global _PIPE
     _PIPE = pipe
     defaults = {"mode": pipe.config.threshold_mode, "threshold": float(pipe.config.threshold)}
+    brush_colors = [(color, demo_utils.BRUSH_OPACITY) for color in demo_utils.CLASS_COLORS]
+
+    def image_editor(label: str, elem_id: str) -> gr.ImageEditor:
+        return gr.ImageEditor(
+            label=label,
+            type="numpy",
+            image_mode="RGBA",
+            format="png",
+            sources=("upload", "clipboard"),
+            brush=gr.Brush(colors=brush_colors, default_color=brush_colors[0], color_mode="fixed"),
+            eraser=gr.Eraser(),
+            layers=False,
+            transforms=(),
+            height=460,
+            canvas_size=demo_utils.EDITOR_CANVAS,
+            elem_id=elem_id,
+        )
 
     with gr.Blocks(title="DiffewS: few-shot segmentation", delete_cache=(3600, 3600)) as demo:
+        session = gr.State(None, time_to_live=SESSION_TTL_S)
+        editor_ids = gr.State(None, time_to_live=SESSION_TTL_S)  # per editor: the class ids of a loaded mask file
+        pending = gr.State(None, time_to_live=SESSION_TTL_S)  # editor values on their way (see `_show`)
         gr.Markdown(
             "# DiffewS: segment anything you can show\n"
             "Upload an **example image** and paint the object with the brush (or upload its mask). "
             "Add more examples in the other tabs if you like, then drop in the **images to segment**. "
             "DiffewS (NeurIPS 2024) finds the same kind of object in each of them.\n\n"
+            "**Correct and teach:** click a result to open it with its mask, fix it with the brush and eraser, and "
+            "press **Add as example**: it joins your example set and the other images are segmented again. "
+            "**Download** takes every mask, the example set and a COCO file home.\n\n"
             "**Several kinds at once:** paint each kind of object in its own brush colour (one colour = one class; "
             "pick it in the brush's palette), or upload a palette mask. Each class gets its colour in the result, "
             "with a legend; name the classes below if you like."
@@ -303,42 +504,21 @@ def build_demo(pipe) -> gr.Blocks:
                 with gr.Tabs():
                     for i in range(1, MAX_SHOTS + 1):
                         with gr.Tab(f"Example {i}"):
-                            editor = gr.ImageEditor(
-                                label=f"Example {i}: paint the object (one brush colour per class)",
-                                type="numpy",
-                                image_mode="RGBA",
-                                format="png",
-                                sources=("upload", "clipboard"),
-                                brush=gr.Brush(colors=list(demo_utils.CLASS_COLORS), color_mode="fixed"),
-                                eraser=gr.Eraser(),
-                                layers=False,
-                                transforms=(),
-                                height=460,
-                                elem_id=f"support-{i}",
-                            )
+                            editor = image_editor(f"Example {i}: paint the object (one brush colour per class)",
+                                                  f"support-{i}")
                             with gr.Accordion("…or upload its mask", open=False):
                                 mask_file = gr.File(
                                     label="Mask image (white object on black, transparent with the object painted, "
-                                          "or a palette PNG with one index per class)",
+                                          "or a palette PNG with one index per class): it appears above as the "
+                                          "painted layer",
                                     file_types=["image"],
                                     elem_id=f"support-mask-{i}",
                                 )
-                            mask_file.upload(
-                                functools.partial(check_mask_file, number=i), [editor, mask_file], None,
-                                api_visibility="private",
-                            )
                             editors.append(editor)
                             mask_files.append(mask_file)
             with gr.Column(scale=2):
-                queries = gr.Gallery(
-                    label="Images to segment",
-                    type="filepath",
-                    file_types=["image"],
-                    columns=3,
-                    height=300,
-                    interactive=True,
-                    elem_id="queries",
-                )
+                queries = gr.Gallery(label="Images to segment", type="filepath", file_types=["image"], columns=3,
+                                     height=300, object_fit="contain", interactive=True, elem_id="queries")
                 with gr.Row():
                     mode = gr.Radio(THRESHOLD_MODES, value=defaults["mode"], label="Threshold mode",
                                     info="relative: × each image's highest score")
@@ -350,32 +530,81 @@ def build_demo(pipe) -> gr.Blocks:
                 )
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
                 status = gr.Markdown(elem_id="status")
+                example_set = gr.Markdown(demo_utils.describe_set(None, MAX_SHOTS), elem_id="example-set")
+                download = gr.DownloadButton("Download masks, examples and COCO (zip)", interactive=False,
+                                             elem_id="download")
+        sets = _examples()
+        if sets:
+            dataset = gr.Dataset(
+                components=[gr.Image(render=False), gr.Textbox(render=False)],
+                samples=[[str(s["supports"][0]), f"{s['name']}: {len(s['supports'])} example, "
+                          f"{len(s['queries'])} images to segment"] for s in sets],
+                label="Examples (synthetic scenes, CC0): click one to load it", type="index", elem_id="examples",
+            )
         with gr.Row(equal_height=False):
-            overlays = gr.Gallery(label="Result", columns=3, height=380, format="png", elem_id="overlays")
-            heatmaps = gr.Gallery(label="Probability", columns=3, height=380, format="png", elem_id="probabilities")
+            overlays = gr.Gallery(label="Result (click one to correct it)", columns=2, height=420, format="png",
+                                  object_fit="contain", allow_preview=False, elem_id="overlays")
+            with gr.Column():
+                heatmaps = gr.Gallery(label="Probability", columns=2, height=380, format="png", object_fit="contain",
+                                      elem_id="probabilities")
+                gr.HTML(demo_utils.color_scale_html(), elem_id="color-scale")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                correction = image_editor("Correct the result: brush adds, eraser removes", "correction")
+            with gr.Column(scale=2):
+                correction_note = gr.Markdown("Click a result above to correct it here.", elem_id="correction-note")
+                add_button = gr.Button("Add as example", variant="primary", elem_id="add-example")
         results = gr.File(label="Masks (PNG, each at its image's size)", file_count="multiple", elem_id="mask-files")
 
-        rows = _examples(defaults["mode"], defaults["threshold"])
-        if rows:
-            gr.Examples(rows, inputs=[*editors, *mask_files, queries, mode, threshold],
-                        label="Examples (synthetic scenes, CC0)")
+        # Showing values in editors: clear them first (the first event), then give the values (`_show`).
+        for number, (editor, mask_file) in enumerate(zip(editors, mask_files), 1):
+            mask_file.upload(
+                functools.partial(load_mask_file, number=number), [editor, mask_file, editor_ids],
+                [pending, editor, mask_file, editor_ids], api_visibility="private",
+            ).then(_show, pending, editor, api_visibility="private")
+            editor.upload(lambda ids, n=number: _forget_ids(ids, n), editor_ids, editor_ids, api_visibility="private")
+            editor.clear(lambda ids, n=number: _forget_ids(ids, n), editor_ids, editor_ids, api_visibility="private")
+        if sets:
+            def load_example(index):
+                example = sets[index]
+                return ([*_example_values(example)], *[None] * (2 * MAX_SHOTS), example["queries"], defaults["mode"],
+                        defaults["threshold"], "", None)
 
+            dataset.click(
+                load_example, dataset,
+                [pending, *editors, *mask_files, queries, mode, threshold, class_names, editor_ids],
+                api_visibility="private",
+            ).then(lambda values: values, pending, editors, api_visibility="private")
+
+        page_outputs = [session, overlays, heatmaps, results, status, example_set, download]
         button.click(
-            segment_page,
-            [*editors, *mask_files, queries, mode, threshold, class_names],
-            [overlays, heatmaps, results, status],
+            run_segment,
+            [session, editor_ids, *editors, *mask_files, queries, mode, threshold, class_names],
+            page_outputs,
             api_visibility="private",
             concurrency_limit=1,
             concurrency_id="gpu",
         )
+        overlays.select(open_result, session, [session, pending, correction, correction_note],
+                        api_visibility="private").then(_show, pending, correction, api_visibility="private")
+        add_button.click(add_example, [session, correction, mode, threshold], [*page_outputs, correction_note],
+                         api_visibility="private", concurrency_limit=1, concurrency_id="gpu")
 
         _file_endpoint(segment, "segment", defaults, [],
                        [("files", "masks"), ("files", "probabilities"), ("text", "status")])
         _file_endpoint(segment_classes, "segment_classes", defaults, [("text", "class_names", "")],
-                       [("files", "label_maps"), ("files", "class_probabilities"), ("json", "legend"), ("text", "status")])
+                       [("files", "label_maps"), ("json", "class_probabilities"), ("json", "legend"),
+                        ("text", "status")])
 
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
+
+
+def _forget_ids(editor_ids, number: int):
+    """An editor got a new image or was cleared: its strokes' colours are classes 1, 2, ... again."""
+    editor_ids = list(editor_ids or [None] * MAX_SHOTS)
+    editor_ids[number - 1] = None
+    return editor_ids
 
 
 def launch(demo: gr.Blocks, **kwargs):
@@ -386,8 +615,8 @@ def launch(demo: gr.Blocks, **kwargs):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="DiffewS few-shot segmentation demo.")
     parser.add_argument("--model", default=os.environ.get(MODEL_ENV) or DEFAULT_MODEL_ID,
-                        help="official name (incontext, coco-fold0..3), saved pipeline folder or Hub repo id "
-                             f"(default: ${MODEL_ENV}, else {DEFAULT_MODEL_ID})")
+                        help=f"official name ({official_names()}: downloaded and converted the first time), saved "
+                             f"pipeline folder or Hub repo id (default: ${MODEL_ENV}, else {DEFAULT_MODEL_ID})")
     parser.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     return parser.parse_args(argv)
@@ -395,16 +624,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    device = "cuda" if _cuda() else "cpu"
     try:
-        pipe = demo_utils.load_pipeline(args.model)
+        pipe = load_pipeline(args.model, device=device)
     except Exception as error:  # noqa: BLE001 - any failure to load ends the program with one line
-        reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
-        reason = reason if len(reason) <= 200 else reason[:199] + "…"
-        sys.exit(
-            f"Could not load the DiffewS model {args.model!r} ({type(error).__name__}: {reason}). "
-            f"Pass --model with an official name, a saved pipeline folder or a Hub repo id, or set {MODEL_ENV}."
-        )
+        sys.exit(load_failure(args.model, error))
     launch(build_demo(pipe), server_port=args.port, share=args.share)
+
+
+def load_failure(model: str, error: Exception) -> str:
+    """The one line that ends the program when `model` cannot be loaded: ModelNotFoundError's message as it is (it
+    names the value and why), another error's type and first sentence."""
+    message = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, ModelNotFoundError):
+        reason = message.removeprefix(f"{model}: ").rstrip(".")
+    else:
+        reason = f"{type(error).__name__}: {message.split('. ')[0].rstrip('.')}"
+        reason = reason if len(reason) <= 200 else reason[:199] + "…"
+    return (f"Could not load the DiffewS model {model!r}: {reason}. Pass --model with an official name "
+            f"({official_names()}), a saved pipeline folder or a Hub repo id, or set {MODEL_ENV}.")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -1,35 +1,45 @@
-"""What the DiffewS demo does besides drawing the page: reading inputs, caching supports, drawing results.
+"""What the DiffewS demo does besides drawing the page: reading inputs, the session's example set, drawing results,
+the download.
 
 Nothing here imports Gradio. Mistakes a person can make raise `InputError` (a ValueError) with a message meant to be
-shown as it is.
+shown as it is. Mask files are read by the package's one reader and one rule (`load_mask`,
+`DiffewSImageProcessor.is_label_map`); overlays and palettes are the package's (`pipeline_diffews.writers`,
+`DiffewSImageProcessor.default_palette`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
+import io
+import json
 import shutil
 import tempfile
-import threading
 import time
-from collections import OrderedDict
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageFilter
 import PIL.ImageOps
 import torch
 
-from pipeline_diffews import DiffewSPipeline, DiffewSSupport, resolve_model
+from pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSSupport, load_mask
+from pipeline_diffews.coco import COCO_FILE, coco_dataset
+from pipeline_diffews.image_processor_diffews import IGNORE_INDEX
+from pipeline_diffews.writers import _border, mask_to_image, overlay_classes
 
-OVERLAY_RGB = (255, 0, 102)  # colour of the object in overlays
-# The brush colours of the example editors: colour k - 1 paints class k. The first is the one-class colour.
-CLASS_COLORS = ("#ff0066", "#00b3ff", "#ffcc00", "#33cc33", "#9966ff", "#ff7f00", "#00e6b8", "#8b4513")
-IGNORE = 255  # label value of pixels that are neither background nor a class
-MAX_INDEX_MASK_VALUE = 31  # a grey mask whose values (but 255) are all <= this is read as class ids, not brightness
+# The brush colours of the editors: colour k - 1 paints class k. The first is the one-class colour (magenta: far from
+# the colours of skies, plants, skin and red or orange objects).
+CLASS_COLORS = ("#ff00ff", "#00b3ff", "#ffcc00", "#33cc33", "#9966ff", "#ff7f00", "#00e6b8", "#8b4513")
+BRUSH_OPACITY = 0.5  # painted layers are see-through: the object stays visible under the paint
+STRONG_ALPHA = 100  # paint at least this opaque (of 255) says which brush colours are used; fainter is stroke edges
+OVERLAY_ALPHA = 0.45  # tint of the result overlays
+IGNORE = IGNORE_INDEX  # label value of pixels that are neither background nor a class
+# The editors' canvas before an image is shown: no image is smaller. The editor places a layer in the middle of the
+# largest canvas it has shown since it was last cleared, so a layer is given at least this size (`editor_value`).
+EDITOR_CANVAS = (64, 64)
 OUTPUT_MAX_AGE_S = 3600  # result files older than this are deleted
 
 
@@ -37,19 +47,13 @@ class InputError(ValueError):
     """A mistake in what a person gave the demo; the message says how to fix it."""
 
 
-# ---------------------------------------------------------------------------------------------- model
+def hex_to_rgb(color: str) -> tuple[int, int, int]:
+    """"#rrggbb" -> (r, g, b)."""
+    color = color.lstrip("#")
+    return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
 
 
-def load_pipeline(model: str, device: str | None = None) -> DiffewSPipeline:
-    """Loads an official name (`incontext`, `coco-fold0`..3: downloaded and converted the first time), a saved pipeline
-    folder or a Hub repo id: fp16 on CUDA, fp32 on CPU. Errors propagate to the caller."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if not os.path.isdir(model) and (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)):
-        raise FileNotFoundError(f"no pipeline folder at {model}")
-    pipe = DiffewSPipeline.from_pretrained(resolve_model(model), dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+OVERLAY_RGB = hex_to_rgb(CLASS_COLORS[0])  # colour of the object of one-class results
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -75,76 +79,54 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def mask_from_image(mask: PIL.Image.Image) -> np.ndarray:
-    """A mask image -> bool [H, W]: alpha > 0 for images with transparency, else bright pixels (>= 128) or palette
-    indices other than 0 and 255."""
-    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
-        alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
-        if alpha.min() < 255:  # a real transparency channel: painted strokes
-            return alpha > 0
-    if mask.mode == "P":
-        index = np.asarray(mask)
-        return (index != 0) & (index != 255)
-    return np.asarray(mask.convert("L")) >= 128
-
-
-def read_mask(path: str | Path, size: tuple[int, int], what: str) -> np.ndarray:
-    """A mask file -> bool [H, W], checked against its image's size (W, H)."""
-    mask = mask_from_image(open_image(path, what))
-    if mask.shape != (size[1], size[0]):
+def _load_mask(path: str | Path, size: tuple[int, int], what: str) -> PIL.Image.Image:
+    """`load_mask` with the demo's messages; checked against its image's size (W, H)."""
+    try:
+        mask = load_mask(path)
+    except ValueError as error:
+        raise InputError(f"{what} ({Path(path).name}) is not an image that can be read: upload a PNG file.") from error
+    if mask.size != tuple(size):
         raise InputError(
-            f"{what} is {mask.shape[1]}x{mask.shape[0]} pixels but its image is {size[0]}x{size[1]}: "
+            f"{what} is {mask.width}x{mask.height} pixels but its image is {size[0]}x{size[1]}: "
             "a mask must have the size of its image."
         )
     return mask
 
 
+def read_mask(path: str | Path, size: tuple[int, int], what: str) -> np.ndarray:
+    """A mask file -> bool [H, W] (one class: white object, alpha, or palette indices other than 0 and 255), checked
+    against its image's size (W, H)."""
+    return DiffewSImageProcessor.to_binary_mask(_load_mask(path, size, what), what)
+
+
 def read_label_map(path: str | Path, size: tuple[int, int], what: str) -> np.ndarray:
     """A mask file -> uint8 label map [H, W] (0 = background, 1..254 = class ids, 255 = ignored), checked against
-    its image's size (W, H).
-
-    A palette ("P") PNG gives its indices; a grey PNG whose values other than 255 are all <= MAX_INDEX_MASK_VALUE gives
-    those values (an index mask); any other mask is one class, read as `mask_from_image` (1 = the object).
-    """
-    image = open_image(path, what)
-    if image.size != tuple(size):
-        raise InputError(
-            f"{what} is {image.width}x{image.height} pixels but its image is {size[0]}x{size[1]}: "
-            "a mask must have the size of its image."
-        )
-    if image.mode == "P" and "transparency" not in image.info:
-        return np.asarray(image, np.uint8).copy()
-    if image.mode in ("L", "I", "I;16"):
-        values = np.asarray(image)
-        labels = values[values != IGNORE]
-        if labels.size and labels.min() >= 0 and 0 < labels.max() <= MAX_INDEX_MASK_VALUE:
-            return values.astype(np.uint8)
-    return mask_from_image(image).astype(np.uint8)
+    its image's size (W, H). Label map or one class (then 1 = the object): `DiffewSImageProcessor.is_label_map`."""
+    mask = _load_mask(path, size, what)
+    if DiffewSImageProcessor.is_label_map(mask):
+        return DiffewSImageProcessor.to_label_map(mask, what).astype(np.uint8)
+    return DiffewSImageProcessor.to_binary_mask(mask, what).astype(np.uint8)
 
 
 def file_palette(path: str | Path | None) -> list[int] | None:
     """The palette (768 ints, RGB per index) of a palette-PNG mask file, else None."""
     if path is None:
         return None
-    with PIL.Image.open(path) as image:
-        if image.mode != "P" or "transparency" in image.info:
-            return None
-        palette = image.getpalette() or []
-    return (palette + [0] * 768)[:768]
+    return DiffewSImageProcessor.palette_of(load_mask(path))
 
 
-def hex_to_rgb(color: str) -> tuple[int, int, int]:
-    """"#rrggbb" -> (r, g, b)."""
-    color = color.lstrip("#")
-    return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
+def class_ids(labels: np.ndarray) -> list[int]:
+    """The class ids (1..254) a label map or bool mask holds, ascending."""
+    values = np.unique(np.asarray(labels, np.uint8))
+    return [int(v) for v in values if 0 < v < IGNORE]
 
 
 def label_map_from_layers(layers: list[np.ndarray], shape: tuple[int, int], colors=CLASS_COLORS) -> np.ndarray:
     """The painted RGBA layers of an editor -> uint8 label map [H, W]: 0 where nothing is painted, else k + 1 for the
     brush colour `colors[k]` nearest to the paint.
 
-    The classes are the colours of the opaque paint (alpha >= 128); faint pixels (anti-aliased stroke edges) take the
-    nearest of those colours, so the edges of one colour's strokes never make a class of their own.
+    The classes are the colours of the well-covered paint (alpha >= STRONG_ALPHA); faint pixels (anti-aliased stroke
+    edges) take the nearest of those colours, so the edges of one colour's strokes never make a class of their own.
     """
     palette = np.array([hex_to_rgb(c) for c in colors], np.int32)  # [C, 3]
     painted = np.zeros(shape, bool)
@@ -153,10 +135,11 @@ def label_map_from_layers(layers: list[np.ndarray], shape: tuple[int, int], colo
     for layer in layers:  # later layers paint over earlier ones
         if layer.ndim != 3 or layer.shape[2] != 4:
             continue
+        layer = layer[: shape[0], : shape[1]]
         alpha = layer[..., 3]
         rgb[alpha > 0] = layer[..., :3][alpha > 0]
         painted |= alpha > 0
-        strong |= alpha >= 128
+        strong |= alpha >= STRONG_ALPHA
     labels = np.zeros(shape, np.uint8)
     if not painted.any():
         return labels
@@ -169,32 +152,27 @@ def label_map_from_layers(layers: list[np.ndarray], shape: tuple[int, int], colo
     return labels
 
 
-def class_ids(labels: np.ndarray) -> list[int]:
-    """The class ids (1..254) a label map or bool mask holds, ascending."""
-    values = np.unique(np.asarray(labels, np.uint8))
-    return [int(v) for v in values if 0 < v < IGNORE]
-
-
 def support_from_editor(
-    value: dict | None, number: int, mask_path: str | Path | None = None
+    value: dict | None, number: int, mask_path: str | Path | None = None, ids: list[int] | None = None
 ) -> tuple[PIL.Image.Image, np.ndarray] | None:
     """A `gr.ImageEditor` value (type="numpy", RGBA) -> (RGB image, uint8 label map [H, W]), or None if it has no
     image.
 
     The label map is read from `mask_path` when given (`read_label_map`), else from the painted layers, one class per
-    brush colour (`label_map_from_layers`; painting with one colour gives 1 on the object, 0 elsewhere).
+    brush colour (`label_map_from_layers`): brush colour k paints class `ids[k - 1]` when the layer was drawn from a
+    label map with those ids (`editor_value`), else class k.
     """
     if not value or value.get("background") is None:
         if mask_path is not None:
             raise InputError(f"Example {number} has a mask file but no image: upload the image above its mask.")
         return None
     background = np.asarray(value["background"])
-    image = to_rgb(PIL.Image.fromarray(background.astype(np.uint8)))
+    image = editor_image(value)
     if mask_path is not None:
         return image, read_label_map(mask_path, image.size, f"The mask file of example {number}")
     layers = [np.asarray(layer) for layer in value.get("layers") or []]
-    for layer in layers:
-        if layer.shape[:2] != background.shape[:2]:
+    for layer in layers:  # a layer given by `editor_value` may extend beyond the image, to the right and below
+        if layer.shape[0] < background.shape[0] or layer.shape[1] < background.shape[1]:
             raise InputError(
                 f"Example {number}: the painted layer is {layer.shape[1]}x{layer.shape[0]} but the image is "
                 f"{background.shape[1]}x{background.shape[0]}: upload the image again and repaint the object."
@@ -204,7 +182,47 @@ def support_from_editor(
         raise InputError(
             f"Example {number} has no mask: paint over the object with the brush, or upload its mask file."
         )
+    if ids:
+        lookup = np.zeros(256, np.uint8)
+        lookup[1 : len(ids) + 1] = ids
+        labels = lookup[labels]
     return image, labels
+
+
+def editor_image(value: dict) -> PIL.Image.Image:
+    """The RGB image of a `gr.ImageEditor` value (type="numpy") that has one."""
+    return to_rgb(PIL.Image.fromarray(np.asarray(value["background"]).astype(np.uint8)))
+
+
+def paint_layer(labels: np.ndarray, ids: list[int] | None = None) -> np.ndarray:
+    """uint8 label map or bool mask [H, W] -> RGBA layer [H', W', 4] (H' >= H, W' >= W: at least EDITOR_CANVAS),
+    class `ids[k - 1]` (default: k) painted in brush colour k at BRUSH_OPACITY with an opaque 2-pixel border,
+    transparent elsewhere."""
+    labels = np.asarray(labels).astype(np.uint8)
+    ids = ids or class_ids(labels)
+    height, width = labels.shape
+    layer = np.zeros((max(height, EDITOR_CANVAS[1]), max(width, EDITOR_CANVAS[0]), 4), np.uint8)
+    border = _border(labels, 2)
+    for rank, class_id in enumerate(ids):
+        color = hex_to_rgb(CLASS_COLORS[rank % len(CLASS_COLORS)])
+        region = labels == class_id
+        layer[:height, :width][region] = (*color, round(255 * BRUSH_OPACITY))
+        layer[:height, :width][region & border] = (*color, 255)
+    return layer
+
+
+
+def editor_value(image: PIL.Image.Image, labels: np.ndarray | None = None, ids: list[int] | None = None) -> dict:
+    """The value that shows `image` in an editor with `labels` (uint8 label map or bool mask [H, W]) as its painted
+    layer (`paint_layer`); `ids` are the class ids of brush colours 1, 2, ... (default: those of `labels`).
+
+    The editor draws a given layer centred in the largest canvas it has shown since it was last cleared; so a page
+    clears an editor before it shows such a value, and the layer spans at least the empty canvas (EDITOR_CANVAS),
+    extending to the right and below a smaller image.
+    """
+    rgb = np.asarray(to_rgb(image))
+    layers = [paint_layer(labels, ids)] if labels is not None else []
+    return {"background": rgb, "layers": layers, "composite": None}
 
 
 def check_support_set(images: list[PIL.Image.Image], masks: list[np.ndarray], max_shots: int) -> None:
@@ -226,11 +244,11 @@ def check_support_set(images: list[PIL.Image.Image], masks: list[np.ndarray], ma
             )
 
 
-# ---------------------------------------------------------------------------------------------- support cache
+# ---------------------------------------------------------------------------------------------- the model
 
 
 def support_key(images: list[PIL.Image.Image], masks: list[np.ndarray], resolution: int) -> str:
-    """A digest of the support pixels, masks and processing resolution (the support cache's key)."""
+    """A digest of the support pixels, masks and processing resolution (the key of a cached support)."""
     digest = hashlib.sha256(f"{resolution}".encode())
     for image, mask in zip(images, masks):
         pixels = np.asarray(image.convert("RGB"))
@@ -241,26 +259,23 @@ def support_key(images: list[PIL.Image.Image], masks: list[np.ndarray], resoluti
 
 
 class SupportCache:
-    """A thread-safe LRU of encoded supports (`DiffewSSupport`), keyed by `support_key`."""
+    """A small LRU of encoded supports (`DiffewSSupport`), keyed by `support_key`: one per session (gr.State)."""
 
-    def __init__(self, max_items: int = 8):
+    def __init__(self, max_items: int = 4):
         self.max_items = max_items
-        self._items: OrderedDict[str, DiffewSSupport] = OrderedDict()
-        self._lock = threading.Lock()
+        self._items: dict[str, DiffewSSupport] = {}
 
     def get(self, key: str) -> DiffewSSupport | None:
-        with self._lock:
-            if key not in self._items:
-                return None
-            self._items.move_to_end(key)
-            return self._items[key]
+        if key not in self._items:
+            return None
+        self._items[key] = self._items.pop(key)  # most recently used last
+        return self._items[key]
 
     def put(self, key: str, support: DiffewSSupport) -> None:
-        with self._lock:
-            self._items[key] = support
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+        self._items.pop(key, None)
+        self._items[key] = support
+        while len(self._items) > self.max_items:
+            self._items.pop(next(iter(self._items)))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -286,6 +301,12 @@ class Segmentation:
     class_probabilities: list[np.ndarray] | None = None
     class_ids: list[int] | None = None
 
+    def labels(self, index: int) -> np.ndarray:
+        """Query `index`'s result as a uint8 label map [H, W] (one class: 1 = the object)."""
+        if self.label_maps is not None:
+            return self.label_maps[index]
+        return self.masks[index].astype(np.uint8)
+
 
 def segment(
     pipe: DiffewSPipeline,
@@ -305,11 +326,7 @@ def segment(
     """
     start = time.perf_counter()
     if support is None:
-        if multiclass:
-            support = pipe.encode_support(support_images, support_masks, multiclass=True)
-        else:
-            support = pipe.encode_support(support_images, support_masks)
-        support = on_cpu(support)
+        support = on_cpu(pipe.encode_support(support_images, support_masks, multiclass=multiclass))
         support_seconds = time.perf_counter() - start
     else:
         support_seconds = 0.0
@@ -328,6 +345,16 @@ def segment(
     )
 
 
+def extend_support(
+    pipe: DiffewSPipeline, support: DiffewSSupport, image: PIL.Image.Image, mask: np.ndarray, multiclass: bool
+) -> tuple[DiffewSSupport, float]:
+    """`support` grown by one shot (image, mask: bool [H, W], or a uint8 label map with `multiclass`): only the new
+    shot's support pass runs. Returns (the grown support on the CPU, seconds it took)."""
+    start = time.perf_counter()
+    grown = pipe.encode_support([image], [mask], multiclass=multiclass, extend=support)
+    return on_cpu(grown), time.perf_counter() - start
+
+
 def on_cpu(value: Any) -> Any:
     """A copy of an encoded support (or anything made of dataclasses, lists, tuples and dicts of tensors and objects
     with `.to`) whose tensors live on the CPU."""
@@ -343,45 +370,87 @@ def on_cpu(value: Any) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------------------------------- the session
+
+
+@dataclasses.dataclass
+class ExampleSet:
+    """The examples (shots) of one browser session and their encoding.
+
+    images: RGB shots, in order: those of the example editors, then the corrected results added as examples.
+    masks: per shot, bool [H, W] (one class) or, with `multiclass`, a uint8 label map.
+    names: per shot, the file stem it is exported under. num_given: how many shots came from the editors (the
+    first ones). key: the `support_key` of those shots.
+    support: all shots encoded (CPU). palette: a mask file's palette, for the output colours (or None).
+    last_added_seconds: what adding the last shot cost (None before any was added).
+    """
+
+    images: list[PIL.Image.Image]
+    masks: list[np.ndarray]
+    names: list[str]
+    num_given: int
+    multiclass: bool
+    key: str
+    support: DiffewSSupport
+    palette: list[int] | None = None
+    last_added_seconds: float | None = None
+
+    @property
+    def num_shots(self) -> int:
+        return len(self.images)
+
+
+@dataclasses.dataclass
+class Session:
+    """What one browser session holds between clicks (a gr.State): its example set, the images it segmented (RGB,
+    file names, file paths), their results, the class names, and which result is open for correction."""
+
+    examples: ExampleSet | None = None
+    queries: list[PIL.Image.Image] = dataclasses.field(default_factory=list)
+    names: list[str] = dataclasses.field(default_factory=list)
+    paths: list[str] = dataclasses.field(default_factory=list)
+    result: Segmentation | None = None
+    class_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    editing: int | None = None
+    cache: SupportCache = dataclasses.field(default_factory=SupportCache)
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def overlay(
-    image: PIL.Image.Image, mask: np.ndarray, max_side: int = 1024, colors: dict[int, tuple[int, int, int]] | None = None
-) -> PIL.Image.Image:
-    """RGB image with each class tinted and outlined in its colour, at most `max_side` pixels on its longer side.
-
-    mask: bool [H, W] (one class, drawn in OVERLAY_RGB) or a uint8 label map (class k drawn in `colors[k]`; 0 and 255
-    are left as they are).
-    """
-    labels = np.asarray(mask).astype(np.uint8)
-    colors = colors or {1: OVERLAY_RGB}
-    label_image = PIL.Image.fromarray(labels)
+def overlay(image: PIL.Image.Image, labels: np.ndarray, palette: list[int], max_side: int = 1024) -> PIL.Image.Image:
+    """RGB image (at most `max_side` pixels on its longer side) with each class of `labels` (uint8 label map or bool
+    mask [H, W]) tinted and outlined in its `palette` colour (768 ints): `pipeline_diffews.writers.overlay_classes`."""
+    label_image = PIL.Image.fromarray(np.asarray(labels).astype(np.uint8))
     scale = min(1.0, max_side / max(image.size))
     if scale < 1.0:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image, label_image = image.resize(size, PIL.Image.BILINEAR), label_image.resize(size, PIL.Image.NEAREST)
-    labels = np.asarray(label_image)
-    smallest = np.asarray(label_image.filter(PIL.ImageFilter.MinFilter(5)))
-    largest = np.asarray(label_image.filter(PIL.ImageFilter.MaxFilter(5)))
-    edge = (smallest != labels) | (largest != labels)
-    rgb = np.asarray(image.convert("RGB"), np.float32).copy()
-    for class_id in class_ids(labels):
-        inside = labels == class_id
-        color = np.array(colors.get(class_id, default_color(class_id)), np.float32)
-        rgb[inside] = 0.55 * rgb[inside] + 0.45 * color
-        rgb[inside & edge] = color
-    return PIL.Image.fromarray(rgb.round().astype(np.uint8))
+    return overlay_classes(image, np.asarray(label_image), palette, alpha=OVERLAY_ALPHA)
+
+
+COLOR_SCALE = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], np.float32)
 
 
 def colorize(probability: np.ndarray) -> PIL.Image.Image:
-    """float [H, W] in [0, 1] -> RGB heat map (dark blue -> purple -> orange -> yellow)."""
-    anchors = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], np.float32)
-    position = np.clip(probability, 0, 1) * (len(anchors) - 1)
-    low = np.floor(position).astype(int).clip(0, len(anchors) - 2)
+    """float [H, W] in [0, 1] -> RGB heat map along COLOR_SCALE (0 dark blue -> purple -> orange -> 1 yellow)."""
+    position = np.clip(probability, 0, 1) * (len(COLOR_SCALE) - 1)
+    low = np.floor(position).astype(int).clip(0, len(COLOR_SCALE) - 2)
     t = (position - low)[..., None]
-    rgb = anchors[low] * (1 - t) + anchors[low + 1] * t
+    rgb = COLOR_SCALE[low] * (1 - t) + COLOR_SCALE[low + 1] * t
     return PIL.Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def color_scale_html() -> str:
+    """The probability maps' colour scale as HTML: a bar from 0 to 1 in COLOR_SCALE's colours, with ticks."""
+    stops = ", ".join("#{:02x}{:02x}{:02x}".format(*map(int, c)) for c in COLOR_SCALE)
+    ticks = "".join(f"<span>{v}</span>" for v in ("0", "0.25", "0.5", "0.75", "1"))
+    return (
+        '<div id="color-scale-bar" style="height:14px;border-radius:3px;'
+        f'background:linear-gradient(to right, {stops})"></div>'
+        f'<div style="display:flex;justify-content:space-between;font-size:12px">{ticks}</div>'
+        '<div style="font-size:12px;text-align:center">probability of the object (per class: of that class)</div>'
+    )
 
 
 def output_folder(root: str | Path | None = None) -> Path:
@@ -398,16 +467,20 @@ def output_folder(root: str | Path | None = None) -> Path:
     return Path(tempfile.mkdtemp(dir=root))
 
 
+def probability_image(probability: np.ndarray) -> PIL.Image.Image:
+    """float [H, W] in [0, 1] -> L image, 0..255."""
+    return PIL.Image.fromarray((np.clip(probability, 0, 1) * 255).round().astype(np.uint8), "L")
+
+
 def save_results(
     names: list[str], masks: list[np.ndarray], probabilities: list[np.ndarray], folder: Path
 ) -> tuple[list[str], list[str]]:
     """Writes `<name>_mask.png` (L, 0/255, the query's size) and `<name>_probability.png` (L, 0..255) per query."""
-    mask_paths, probability_paths, used = [], [], set()
-    for name, mask, probability in zip(names, masks, probabilities):
-        stem = _unique(Path(name).stem or "image", used)
+    mask_paths, probability_paths = [], []
+    for stem, mask, probability in zip(unique_stems(names), masks, probabilities):
         mask_path, probability_path = folder / f"{stem}_mask.png", folder / f"{stem}_probability.png"
-        PIL.Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path)
-        PIL.Image.fromarray((np.clip(probability, 0, 1) * 255).round().astype(np.uint8), "L").save(probability_path)
+        mask_to_image(mask).save(mask_path)
+        probability_image(probability).save(probability_path)
         mask_paths.append(str(mask_path))
         probability_paths.append(str(probability_path))
     return mask_paths, probability_paths
@@ -420,62 +493,99 @@ def save_label_maps(
     ids: list[int],
     palette: list[int],
     folder: Path,
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[list[str]]]:
     """Writes per query `<name>_labels.png` (index PNG, mode "P" with `palette`, the query's size: 0 = background,
-    k = class k) and per query and class `<name>_class<k>_probability.png` (L, 0..255), query by query, classes in the
-    order of `ids`. Returns (label map paths, probability paths)."""
-    label_paths, probability_paths, used = [], [], set()
-    for name, labels, probabilities in zip(names, label_maps, class_probabilities):
-        stem = _unique(Path(name).stem or "image", used)
-        image = PIL.Image.fromarray(np.asarray(labels, np.uint8), "L").convert("P")
-        image.putpalette(palette)
-        image.save(folder / f"{stem}_labels.png")
+    k = class k) and per query and class `<name>_class<k>_probability.png` (L, 0..255), classes in the order of
+    `ids`. Returns (label map paths, per query the probability paths of its classes)."""
+    label_paths, probability_paths = [], []
+    for stem, labels, probabilities in zip(unique_stems(names), label_maps, class_probabilities):
+        DiffewSImageProcessor.label_map_to_image(labels, palette).save(folder / f"{stem}_labels.png")
         label_paths.append(str(folder / f"{stem}_labels.png"))
+        paths = []
         for class_id, probability in zip(ids, probabilities):
             path = folder / f"{stem}_class{class_id}_probability.png"
-            PIL.Image.fromarray((np.clip(probability, 0, 1) * 255).round().astype(np.uint8), "L").save(path)
-            probability_paths.append(str(path))
+            probability_image(probability).save(path)
+            paths.append(str(path))
+        probability_paths.append(paths)
     return label_paths, probability_paths
 
 
-def _unique(stem: str, used: set[str]) -> str:
-    candidate, number = stem, 2
-    while candidate in used:
-        candidate, number = f"{stem}_{number}", number + 1
-    used.add(candidate)
-    return candidate
+def unique_stems(names: list[str]) -> list[str]:
+    """The file stems of `names`, made unique by `_2`, `_3`, ... suffixes."""
+    stems, used = [], set()
+    for name in names:
+        stem, candidate, number = Path(name).stem or "image", Path(name).stem or "image", 2
+        while candidate in used:
+            candidate, number = f"{stem}_{number}", number + 1
+        used.add(candidate)
+        stems.append(candidate)
+    return stems
 
 
-def describe(result: Segmentation, support_masks: list[np.ndarray], cached: bool, device: Any) -> str:
-    """One status line: what was segmented, how long it took, whether the supports came from the cache."""
-    count = len(result.masks)
-    coverage = ", ".join(f"{100 * ((m > 0) & (m < IGNORE)).mean():.1f}%" for m in support_masks)
-    support = (
-        "example features reused from the cache"
-        if cached
-        else f"example features computed in {result.support_seconds:.2f} s"
-    )
-    return (
-        f"Segmented {count} image{'s' if count != 1 else ''} in {result.support_seconds + result.query_seconds:.2f} s "
-        f"on {device} ({support}; {result.query_seconds:.2f} s for the images). "
-        f"Examples: {len(support_masks)} (mask area {coverage})."
-    )
+def mask_file_image(labels: np.ndarray, multiclass: bool, palette: list[int]) -> PIL.Image.Image:
+    """A result or example mask as it is written: binary L (0/255) for one class, else an index PNG ("P")."""
+    if multiclass:
+        return DiffewSImageProcessor.label_map_to_image(labels, palette)
+    return mask_to_image(np.asarray(labels) > 0)
 
 
-# ---------------------------------------------------------------------------------------------- several classes
+def export_zip(session: Session, palette: list[int], folder: Path) -> Path:
+    """Everything the session made, as one zip `diffews_masks.zip` in `folder`:
+
+    - `masks/<query stem>.png`: each result at its image's size (binary L 0/255, or an index PNG for several classes);
+    - `images/<query file>`: the images segmented, as they were uploaded;
+    - `examples/<name>.png` + `examples/<name>_mask.png`: the example set (the layout `diffews segment --support-dir`
+      reads);
+    - `annotations.json`: the results in COCO format (`pipeline_diffews.coco.coco_dataset`; file names are those under
+      `images/`, categories named from the class names).
+    """
+    result, examples = session.result, session.examples
+    if result is None or examples is None:
+        raise InputError("Segment some images first: the download holds their masks.")
+    multiclass = examples.multiclass
+    path = folder / "diffews_masks.zip"
+    file_names = [Path(n).name for n in unique_names(session.names)]
+    entries = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for index, (file_name, source) in enumerate(zip(file_names, session.paths)):
+            labels = result.labels(index)
+            archive.writestr(f"masks/{Path(file_name).stem}.png", _png(mask_file_image(labels, multiclass, palette)))
+            archive.write(source, f"images/{file_name}")
+            entries.append((file_name, labels))
+        for name, image, mask in zip(examples.names, examples.images, examples.masks):
+            archive.writestr(f"examples/{name}.png", _png(image))
+            archive.writestr(f"examples/{name}_mask.png", _png(mask_file_image(mask, multiclass, palette)))
+        ids = sorted({k for _, labels in entries for k in class_ids(labels)} | set(class_ids_of(examples)))
+        categories = [(k, session.class_names.get(k, f"class {k}" if multiclass else "object")) for k in ids]
+        archive.writestr(COCO_FILE, json.dumps(coco_dataset(entries, categories)))
+    return path
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """File names made unique by `_2`, `_3`, ... suffixes on their stems (extensions kept)."""
+    return [stem + Path(name).suffix for stem, name in zip(unique_stems(names), names)]
+
+
+def class_ids_of(examples: ExampleSet) -> list[int]:
+    """The class ids the example set marks."""
+    return sorted({k for mask in examples.masks for k in class_ids(mask)})
+
+
+def _png(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- classes and text
 
 
 def default_color(class_id: int) -> tuple[int, int, int]:
     """The colour of class `class_id` (1..254) when no palette names one: its brush colour (CLASS_COLORS), beyond
-    those the PASCAL VOC colour map's."""
+    those the default palette's (`DiffewSImageProcessor.default_palette`)."""
     if 1 <= class_id <= len(CLASS_COLORS):
         return hex_to_rgb(CLASS_COLORS[class_id - 1])
-    rgb, code = [0, 0, 0], class_id
-    for bit in range(8):
-        for channel in range(3):
-            rgb[channel] |= ((code >> channel) & 1) << (7 - bit)
-        code >>= 3
-    return tuple(rgb)
+    return tuple(DiffewSImageProcessor.default_palette()[3 * class_id : 3 * class_id + 3])
 
 
 def class_colors(ids: list[int], palette: list[int] | None = None) -> dict[int, tuple[int, int, int]]:
@@ -525,14 +635,53 @@ def legend(ids: list[int], names: dict[int, str], colors: dict[int, tuple[int, i
     ]
 
 
+def _shares(entries: list[dict], label_maps: list[np.ndarray]) -> list[float]:
+    pixels = sum(m.size for m in label_maps) or 1
+    return [100 * sum(int((m == e["id"]).sum()) for m in label_maps) / pixels for e in entries]
+
+
 def legend_markdown(entries: list[dict], label_maps: list[np.ndarray]) -> str:
     """The legend as one Markdown line: a square in the class colour, its name, id and share of the queries' pixels."""
-    pixels = sum(m.size for m in label_maps) or 1
-    parts = []
-    for entry in entries:
-        share = 100 * sum(int((m == entry["id"]).sum()) for m in label_maps) / pixels
-        parts.append(
-            f'<span style="color:{entry["color"]}">■</span> **{entry["name"]}** (id {entry["id"]}, {share:.1f}%)'
-        )
+    parts = [
+        f'<span style="color:{e["color"]}">■</span> **{e["name"]}** (id {e["id"]}, {share:.1f}%)'
+        for e, share in zip(entries, _shares(entries, label_maps))
+    ]
     return "Classes: " + " · ".join(parts)
 
+
+def legend_text(entries: list[dict], label_maps: list[np.ndarray]) -> str:
+    """The legend as plain text: "Classes: road (id 1, 40.2%), car (id 2, 3.1%)."."""
+    parts = [f'{e["name"]} (id {e["id"]}, {share:.1f}%)' for e, share in zip(entries, _shares(entries, label_maps))]
+    return "Classes: " + ", ".join(parts) + "."
+
+
+def describe(result: Segmentation, support_masks: list[np.ndarray], cached: bool, device: Any) -> str:
+    """One status line: what was segmented, how long it took, whether the supports came from the cache."""
+    count = len(result.masks)
+    coverage = ", ".join(f"{100 * ((m > 0) & (m < IGNORE)).mean():.1f}%" for m in support_masks)
+    support = (
+        "example features reused from the cache"
+        if cached
+        else f"example features computed in {result.support_seconds:.2f} s"
+    )
+    return (
+        f"Segmented {count} image{'s' if count != 1 else ''} in {result.support_seconds + result.query_seconds:.2f} s "
+        f"on {device} ({support}; {result.query_seconds:.2f} s for the images). "
+        f"Examples: {len(support_masks)} (mask area {coverage})."
+    )
+
+
+def describe_set(examples: ExampleSet | None, max_shots: int) -> str:
+    """The example set in one line: how many examples it holds (and may hold), how many shots are cached, what
+    adding the last one cost."""
+    if examples is None:
+        return f"Example set: empty (up to {max_shots} examples)."
+    added = examples.num_shots - examples.num_given
+    text = (
+        f"Example set: **{examples.num_shots}** example{'s' if examples.num_shots != 1 else ''} "
+        f"(up to {max_shots}; {added} added from corrected results), "
+        f"{examples.support.num_shots} shots cached."
+    )
+    if examples.last_added_seconds is not None:
+        text += f" Adding the last one took {examples.last_added_seconds:.2f} s (its support pass only)."
+    return text

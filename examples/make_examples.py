@@ -10,7 +10,6 @@ fish (not the blue or the dotted pink ones), the oranges (not the leaves or the 
 Each set `examples/<name>/` holds:
     support_<i>.png        an example image (RGB)
     support_<i>_mask.png   its object mask (L, 0 = background, 255 = object)
-    support_<i>_paint.png  the same mask as a painted editor layer (RGBA, alpha > 0 = object)
     query_<j>.png          images in which to find that kind of object (RGB)
     truth/query_<j>.png    the true mask of each query (L, 255 = the target kind), for scoring
 """
@@ -30,9 +29,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from train.data.synthetic import COLOUR_FAMILIES, SHAPES, TEXTURES, Kind, paint_instance, smooth_noise  # noqa: E402
-
-PAINT_RGBA = (255, 0, 102, 150)  # colour of the painted mask layer
-
 
 def kind(shape: str, colour: str, texture: str) -> int:
     """Class id of the kind (shape family, colour family, texture) of `train.data.synthetic`."""
@@ -186,13 +182,6 @@ def example_sets() -> dict[str, dict[str, list[Scene]]]:
     }
 
 
-def paint_layer(mask: Image.Image) -> Image.Image:
-    """L mask -> RGBA editor layer: PAINT_RGBA where the mask is set, transparent elsewhere."""
-    layer = np.zeros((mask.height, mask.width, 4), np.uint8)
-    layer[np.asarray(mask) >= 128] = PAINT_RGBA
-    return Image.fromarray(layer, "RGBA")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent), help="folder to write the sets into")
@@ -203,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
         for i, scene in enumerate(scenes["supports"], 1):
             scene.image().save(folder / f"support_{i}.png", optimize=True)
             scene.mask().save(folder / f"support_{i}_mask.png", optimize=True)
-            paint_layer(scene.mask()).save(folder / f"support_{i}_paint.png", optimize=True)
         for j, scene in enumerate(scenes["queries"], 1):
             scene.image().save(folder / f"query_{j}.png", optimize=True)
             scene.mask().save(folder / "truth" / f"query_{j}.png", optimize=True)

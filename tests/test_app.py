@@ -20,6 +20,7 @@ from gradio_client.exceptions import AppError
 
 import app
 import demo_utils
+from pipeline_diffews.official import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_app(pipeline_folder: Path):
     """Builds the demo on a saved pipeline folder and serves it on a free local port. Yields the URL."""
-    demo = app.build_demo(demo_utils.load_pipeline(str(pipeline_folder), device="cpu"))
+    demo = app.build_demo(load_pipeline(str(pipeline_folder), device="cpu"))
     _, url, _ = app.launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield url
@@ -257,20 +258,34 @@ def test_support_cache_is_keyed_by_pixels_and_masks_and_evicts_old_entries():
     assert cache.get("a") is None and cache.get("c") == "c" and len(cache) == 2
 
 
-def test_examples_are_complete_and_their_paint_matches_the_masks():
-    rows = app._examples("relative", 0.25)
-    assert len(rows) >= 3
-    for row in rows:
-        assert len(row) == 2 * app.MAX_SHOTS + 3
-        for editor in (e for e in row[: app.MAX_SHOTS] if e is not None):
-            background = PIL.Image.open(editor["background"])
-            paint = np.asarray(PIL.Image.open(editor["layers"][0]))
-            mask = np.asarray(PIL.Image.open(editor["background"].replace(".png", "_mask.png")))
-            assert paint.shape[:2] == mask.shape == (background.height, background.width)
-            np.testing.assert_array_equal(paint[..., 3] > 0, mask >= 128)
+def test_examples_are_complete_and_their_layers_are_the_masks():
+    sets = app._examples()
+    assert [s["name"] for s in sets] == ["balloons", "fish", "oranges"]
+    for example in sets:
+        values = app._example_values(example)
+        assert len(values) == app.MAX_SHOTS
+        for value, support in zip((v for v in values if v is not None), example["supports"]):
+            background, [layer] = value["background"], value["layers"]
+            mask = np.asarray(PIL.Image.open(support.with_name(f"{support.stem}_mask.png")))
+            # the layer starts at the image's top-left corner and spans at least the editor's empty canvas
+            assert background.shape[:2] == mask.shape and layer.shape[0] >= mask.shape[0]
+            np.testing.assert_array_equal(layer[: mask.shape[0], : mask.shape[1], 3] > 0, mask >= 128)
+            assert not layer[mask.shape[0] :, :, 3].any() and not layer[:, mask.shape[1] :, 3].any()
+            inside = layer[: mask.shape[0], : mask.shape[1], 3][mask >= 128]
+            assert (inside < 255).mean() > 0.5  # see-through paint (an opaque border)
             assert mask.any()
-        assert all(Path(q).is_file() for q in row[2 * app.MAX_SHOTS])
+        assert all(Path(q).is_file() for q in example["queries"])
     assert "CC0" in (ROOT / "examples" / "README.md").read_text()
+
+
+def test_a_small_image_gets_a_layer_as_large_as_the_empty_canvas():
+    mask = np.zeros((20, 30), bool)
+    mask[5:10, 10:20] = True
+    value = demo_utils.editor_value(PIL.Image.new("RGB", (30, 20), "white"), mask)
+    layer = value["layers"][0]
+    assert layer.shape == (*demo_utils.EDITOR_CANVAS[::-1], 4)
+    image, labels = demo_utils.support_from_editor(value, 1)  # an unedited layer is read back as it was given
+    np.testing.assert_array_equal(labels, mask)
 
 
 # ---------------------------------------------------------------------------------------------- start-up

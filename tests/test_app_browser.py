@@ -1,67 +1,66 @@
-"""The demo page in headless Chromium (Debian's `chromium` package, driven by Playwright).
+"""The demo page in headless Chromium (Debian's `chromium` package, driven by Playwright), used as a person does.
 
-Paints a stroke on the first example image, uploads an image to segment, clicks Segment, waits for the overlay,
-loads a one-click example and saves a screenshot. Skipped only when Chromium or Playwright is missing; set
+Paints a stroke on an uploaded example image and segments; loads a page example at three window sizes and sees its
+mask over its object; paints and erases on it and compares the result with the example's true mask (the shipped
+few-shot model segments the examples). Skipped only when Chromium or Playwright is missing; set
 DIFFEWS_REQUIRE_BROWSER=1 (as CI should) to turn that skip into a failure.
 """
 
 from __future__ import annotations
 
-import io
-import os
 import re
-import shutil
-from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 
+import demo_utils
+from tests.browser import (
+    FEWSHOT_MODEL,
+    ROOT,
+    WINDOWS,
+    Editor,
+    chromium,
+    fetch_image,
+    iou,
+    load_example,
+    open_page,
+    painted,
+    require_browser,
+    wait_for_status,
+)
 from tests.test_app import running_app
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-]
 VIEWPORT = {"width": 1400, "height": 1200}
-
-
-def _require_browser():
-    missing = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing = "the playwright package is not installed"
-    if missing is None and not os.path.isfile(CHROMIUM):
-        missing = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    if missing:
-        if os.environ.get("DIFFEWS_REQUIRE_BROWSER") == "1":
-            pytest.fail(missing)
-        pytest.skip(missing)
+BALLOONS = ROOT / "examples" / "balloons"
 
 
 @pytest.fixture
-def page(saved_pipeline, tmp_path):
-    _require_browser()
-    from playwright.sync_api import sync_playwright
+def page(saved_pipeline):
+    require_browser()
+    with running_app(saved_pipeline) as url, chromium() as browser:
+        yield open_page(browser, url, VIEWPORT["width"], VIEWPORT["height"])
 
-    with running_app(saved_pipeline) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(60_000)
-            page.goto(url)
-            page.wait_for_selector("#support-1")
-            yield page
-        finally:
-            browser.close()
+
+@pytest.fixture(scope="module")
+def fewshot_url():
+    require_browser()
+    with running_app(FEWSHOT_MODEL) as url:
+        yield url
+
+
+@pytest.fixture
+def shots(monkeypatch):
+    """The support masks each model call got (the page's examples as the server reads them)."""
+    calls = []
+    segment = demo_utils.segment
+
+    def recording(pipe, support_images, support_masks, *args, **kwargs):
+        calls.append([np.asarray(m) for m in support_masks])
+        return segment(pipe, support_images, support_masks, *args, **kwargs)
+
+    monkeypatch.setattr(demo_utils, "segment", recording)
+    return calls
 
 
 def test_paint_upload_segment_in_the_browser(page, tmp_path):
@@ -71,7 +70,7 @@ def test_paint_upload_segment_in_the_browser(page, tmp_path):
     toast.first.wait_for()
 
     # Upload the example image, paint a stroke over its middle.
-    page.locator("#support-1 input[type=file]").set_input_files(str(ROOT / "examples/balloons/support_1.png"))
+    page.locator("#support-1 input[type=file]").set_input_files(str(BALLOONS / "support_1.png"))
     page.wait_for_selector("#support-1 button[aria-label='Brush']")
     page.wait_for_timeout(500)
     canvas = page.locator("#support-1 canvas").last.bounding_box()
@@ -83,7 +82,7 @@ def test_paint_upload_segment_in_the_browser(page, tmp_path):
     page.mouse.up()
 
     # Upload one image to segment, then segment.
-    page.locator("#queries input[type=file]").set_input_files(str(ROOT / "examples/balloons/query_1.png"))
+    page.locator("#queries input[type=file]").set_input_files(str(BALLOONS / "query_1.png"))
     page.wait_for_selector("#queries img")
     page.click("#segment-button")
 
@@ -95,15 +94,13 @@ def test_paint_upload_segment_in_the_browser(page, tmp_path):
     area = float(re.search(r"mask area ([0-9.]+)%", status).group(1))
     assert 0 < area < 20  # the painted stroke, not the whole image
     link = page.locator("#mask-files a[href*='query_1_mask.png']").first.get_attribute("href")
-    download = page.request.get(link)
-    assert download.headers["content-type"] == "image/png"
-    with PIL.Image.open(io.BytesIO(download.body())) as mask:
-        assert mask.size == PIL.Image.open(ROOT / "examples/balloons/query_1.png").size  # the query's own size
+    with fetch_image(page, link) as mask:
+        assert mask.size == PIL.Image.open(BALLOONS / "query_1.png").size  # the query's own size
 
     # One click loads an example (its example image with the object painted, two images to segment).
-    page.locator("table tbody tr").filter(has_text="relative").nth(2).click()
+    load_example(page, "oranges")
     page.click("#segment-button")
-    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Segmented 2 images')")
+    wait_for_status(page, "Segmented 2 images")
     assert "Examples: 1" in page.inner_text("#status")
     assert page.locator("#overlays img").count() >= 2
 
@@ -112,3 +109,52 @@ def test_paint_upload_segment_in_the_browser(page, tmp_path):
     assert screenshot.stat().st_size > 10_000
     with PIL.Image.open(screenshot) as image:
         assert image.format == "PNG" and image.width == VIEWPORT["width"] and image.height >= VIEWPORT["height"]
+
+
+def test_an_example_shows_its_mask_over_its_object_at_any_window_size(fewshot_url, tmp_path):
+    with chromium() as browser:
+        page = open_page(browser, fewshot_url, *WINDOWS[0])
+        for (width, height), name in zip(WINDOWS, ["balloons", "fish", "oranges"]):
+            page.set_viewport_size({"width": width, "height": height})
+            load_example(page, name)  # after another example (and another window size) but the first
+            image = np.asarray(PIL.Image.open(ROOT / "examples" / name / "support_1.png").convert("RGB"))
+            mask = np.asarray(PIL.Image.open(ROOT / "examples" / name / "support_1_mask.png")) >= 128
+            shown = Editor(page, "support-1", (image.shape[1], image.shape[0])).shown()
+            PIL.Image.fromarray(shown).save(tmp_path / f"{name}_{width}x{height}.png")
+            assert iou(painted(shown, image), mask) >= 0.8, f"{name} at {width}x{height}: the paint is off its object"
+            assert shown[mask].mean(0)[2] > image[mask].mean(0)[2] + 40  # see-through magenta over the object...
+            assert np.abs(shown[mask].astype(int) - image[mask]).mean() < 120  # ...that still shows it
+
+
+def test_paint_and_erase_on_an_example_then_segment_matches_the_truth(fewshot_url, shots, tmp_path):
+    mask = np.asarray(PIL.Image.open(BALLOONS / "support_1_mask.png")) >= 128
+    height, width = mask.shape
+    with chromium() as browser:
+        page = open_page(browser, fewshot_url, 1400, 1000)
+        load_example(page, "balloons")
+        editor = Editor(page, "support-1", (width, height))
+        ys, xs = np.nonzero(mask)
+        right_edge = (xs.max(), int(ys.mean()))  # a brush dab over the balloon's right edge
+        centre = (int(xs.mean()), int(ys.mean()))  # an eraser dab in its middle
+        editor.dab("Brush", *right_edge)
+        editor.dab("Erase", *centre)
+        page.screenshot(path=str(tmp_path / "edited.png"))
+        page.click("#segment-button")
+        wait_for_status(page, "Segmented 2 images")
+
+        [sent] = shots[-1:]
+        [support] = sent
+        changed = support != mask
+        yy, xx = np.mgrid[0:height, 0:width]
+        near = lambda point, radius: (xx - point[0]) ** 2 + (yy - point[1]) ** 2 <= radius**2  # noqa: E731
+        assert (support & ~mask & near(right_edge, 30)).sum() > 20  # the brush added paint where it was dabbed...
+        assert (~support & mask & near(centre, 30)).sum() > 20  # ...the eraser removed it where it was dabbed...
+        assert not (changed & ~near(right_edge, 30) & ~near(centre, 30)).any()  # ...and nothing changed elsewhere
+
+        for number in (1, 2):
+            link = page.locator(f"#mask-files a[href*='query_{number}_mask.png']").first.get_attribute("href")
+            with fetch_image(page, link) as result:
+                truth = np.asarray(PIL.Image.open(BALLOONS / "truth" / f"query_{number}.png")) >= 128
+                assert result.size == (truth.shape[1], truth.shape[0])
+                assert iou(np.asarray(result) > 0, truth) >= 0.8, f"query_{number}"
+        page.screenshot(path=str(tmp_path / "segmented.png"), full_page=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import gradio as gr
 import httpx
@@ -80,12 +81,14 @@ def test_segment_classes_serves_index_pngs_and_a_legend(url, files):
         {"id": 1, "name": "grass", "color": "#0ac81e"},
         {"id": 3, "name": "sky", "color": "#2828f0"},
     ]
-    assert "Segmented 2 images" in status and "**grass** (id 1" in status and "**sky** (id 3" in status
+    assert "Segmented 2 images" in status and "grass (id 1" in status and "sky (id 3" in status
+    assert "<" not in status and "*" not in status  # plain text
     assert [f["orig_name"] for f in label_files] == ["a_labels.png", "b_labels.png"]
-    assert [f["orig_name"] for f in probability_files] == [
-        "a_class1_probability.png", "a_class3_probability.png", "b_class1_probability.png", "b_class3_probability.png"
+    assert [[Path(f["path"]).name for f in group] for group in probability_files] == [  # per query, per class
+        ["a_class1_probability.png", "a_class3_probability.png"], ["b_class1_probability.png", "b_class3_probability.png"]
     ]
-    fetch = lambda f: PIL.Image.open(io.BytesIO(httpx.get(f["url"]).content))  # noqa: E731
+    probability_files = [f for group in probability_files for f in group]
+    fetch = lambda f: PIL.Image.open(io.BytesIO(httpx.get(f.get("url") or f"{url}gradio_api/file={f['path']}").content))  # noqa: E731
     for q, size in enumerate([(120, 90), (70, 50)]):
         labels = fetch(label_files[q])
         assert (labels.mode, labels.size) == ("P", size)
@@ -124,7 +127,7 @@ def test_a_plain_mask_is_class_one_and_absolute_one_gives_background(url, files,
         client, files["support"], str(tmp_path / "mask.png"), [files["query_a"]],
         threshold_mode="absolute", threshold=1.0,
     )
-    assert [entry["id"] for entry in legend] == [1] and len(probability_files) == 1
+    assert [entry["id"] for entry in legend] == [1] and [len(group) for group in probability_files] == [1]
     labels = PIL.Image.open(label_files[0])
     assert labels.mode == "P" and labels.size == (120, 90) and not np.asarray(labels).any()
 
@@ -190,7 +193,7 @@ def test_brush_colours_become_class_ids():
     layer[1:5, 1:5] = (*demo_utils.hex_to_rgb(demo_utils.CLASS_COLORS[0]), 255)
     layer[6:11, 6:11] = (*demo_utils.hex_to_rgb(demo_utils.CLASS_COLORS[2]), 255)
     layer[5, 6:11] = (255, 140, 0, 60)  # a faint edge, nearest to colour 6 (orange): not a class, it joins colour 3
-    layer[0, 0] = (0, 0, 0, 1)
+    layer[0, 0] = (120, 0, 120, 1)  # a faint dark stroke edge, nearest to colour 1
     labels = demo_utils.label_map_from_layers([layer], (12, 12))
     assert demo_utils.class_ids(labels) == [1, 3]
     assert (labels[1:5, 1:5] == 1).all() and (labels[5:11, 6:11] == 3).all() and labels[0, 0] == 1
