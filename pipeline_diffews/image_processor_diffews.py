@@ -124,9 +124,8 @@ class DiffewSImageProcessor:
 
     @staticmethod
     def is_label_map(mask: Any) -> bool:
-        """Whether a support mask is read as a label map when `multiclass` is None (auto): the rule of the class
-        docstring. Dicts; "P" images with several ids or an id other than 1 (ids: values other than 0 and 255);
-        integer arrays / tensors [H, W] and "L" / "I" / "I;16" images of that kind whose ids are all below 128."""
+        """Whether a support mask is read as a label map when `multiclass` is None (auto): the rule written in the
+        class docstring, the one that the pipeline, the command line and the demo follow."""
         if isinstance(mask, dict):
             return True
         if isinstance(mask, PIL.Image.Image):
