@@ -239,9 +239,10 @@ def segment_page(*args):
                          rest[0] if rest else None)[1:]
 
 
-def _download(session: demo_utils.Session):
-    return gr.DownloadButton(value=str(demo_utils.export_zip(session, _palette(session), demo_utils.output_folder())),
-                             interactive=True)
+def _download(session: demo_utils.Session) -> dict:
+    """The download button's update: the session's zip (`demo_utils.export_zip`), ready to click."""
+    path = demo_utils.export_zip(session, _palette(session), demo_utils.output_folder())
+    return gr.update(value=str(path), interactive=True)
 
 
 @_user_errors
@@ -257,13 +258,17 @@ def run_segment(session, editor_ids, *args):
             _download(session))
 
 
-@_user_errors
 def open_result(session, evt: gr.SelectData):
-    """A click on a result: its image, with its mask (one brush colour per class) as the layer, goes to the
-    correction editor (through `pending`: the editor is cleared first, see `_show`)."""
+    """A click on a result opens it for correction (`correct_result`)."""
+    return correct_result(session, evt.index if isinstance(evt.index, int) else evt.index[0])
+
+
+@_user_errors
+def correct_result(session, index: int):
+    """Result `index`'s image, with its mask (one brush colour per class) as the layer, for the correction editor.
+    Returns (session, the editor value to show: see `_show`, None to clear the editor first, a note)."""
     if session is None or session.result is None:
         raise InputError("Segment some images first.")
-    index = evt.index if isinstance(evt.index, int) else evt.index[0]
     session.editing = index
     ids = session.result.class_ids or [1]
     value = demo_utils.editor_value(session.queries[index], session.result.labels(index), ids)
@@ -283,9 +288,10 @@ def add_example(session, correction, threshold_mode, threshold):
     if examples.num_shots >= MAX_SHOTS:
         raise InputError(f"The example set holds {examples.num_shots} examples, the most it may hold ({MAX_SHOTS}).")
     ids = session.result.class_ids or [1]
-    image, labels = demo_utils.support_from_editor(correction, examples.num_shots + 1, None, ids)
-    if image.size != session.queries[index].size:
-        raise InputError("The corrected image is not the result's image: click the result again.")
+    image = session.queries[index]
+    shown, labels = demo_utils.support_from_editor(correction, examples.num_shots + 1, None, ids) or (None, None)
+    if shown is None or shown.size != image.size:
+        raise InputError("The correction editor does not hold the result's image: click the result again.")
     mask = labels if examples.multiclass else (labels > 0) & (labels < demo_utils.IGNORE)
     support, seconds = _on_device(demo_utils.extend_support, examples.support, image, mask, examples.multiclass)
     examples.images.append(image)
