@@ -1,9 +1,15 @@
-"""Shared pieces of the benchmarks: true Stable Diffusion 2.1 components with random weights, inputs, timing, memory.
+"""The one helper module of the benchmarks: models, inputs, timers, memory, the machine, records, training commands.
 
-Compute does not depend on weight values, so the UNet and VAE are built from the true SD 2.1 configurations with
-random initialisation (nothing is downloaded). Timings are medians of repeated runs; peak memory is the peak
-resident set size of the process during a call on CPU (Linux `VmHWM`, reset before the call), and
-`torch.cuda.max_memory_allocated` on a GPU.
+- True Stable Diffusion 2.1 components with random weights: compute does not depend on weight values, so the UNet
+  and VAE are built from the true SD 2.1 configurations with random initialisation (nothing is downloaded).
+- Timers: `Stopwatch` (wall and CPU seconds of a block) and `time_calls` (medians of repeated calls, with memory).
+  Peak memory is the peak resident set size of the process during a call on CPU (Linux `VmHWM`, reset before the
+  call), and `torch.cuda.max_memory_allocated` on a GPU.
+- Records: `machine()` (what a figure was measured on), `command_line` (the command as typed from the repository
+  root), `write_json`, `print_table`.
+- `train_argv`: the `train/train.py` command line of the learning benchmarks.
+
+Every benchmark is a module of this package, run from the repository root: `python -m benchmarks.<name> ...`.
 """
 
 from __future__ import annotations
@@ -14,25 +20,23 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 
+from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from diffusers import AutoencoderKL  # noqa: E402
-
-from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel  # noqa: E402
 
 # Stable Diffusion 2.1 (768 v-prediction) UNet, plus the DiffewS support input convolution: 865.9M parameters.
 SD21_UNET_CONFIG = dict(
@@ -129,6 +133,29 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class Stopwatch:
+    """Wall and CPU seconds of a block: `wall_s` and `cpu_s` (`time.process_time`: every thread of this process, so
+    robust to other processes sharing the cores). On CUDA the device is synchronised at both ends."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.wall_s = self.cpu_s = float("nan")
+
+    def __enter__(self) -> "Stopwatch":
+        synchronize(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+
+    def as_dict(self) -> dict:
+        """{"wall_s", "cpu_s"} rounded to 0.1 s."""
+        return {"wall_s": round(self.wall_s, 1), "cpu_s": round(self.cpu_s, 1)}
+
+
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> dict:
     """Runs `fn` `warmup` times untimed, then `repeats` times, each timed and watched for memory.
 
@@ -139,13 +166,10 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1, device: 
         fn()
     runs, cpu, peaks, added = [], [], [], []
     for _ in range(repeats):
-        with PeakMemory(device) as memory:
-            synchronize(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
+        with PeakMemory(device) as memory, Stopwatch(device) as watch:
             fn()
-            synchronize(device)
-            runs.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
+        runs.append(watch.wall_s)
+        cpu.append(watch.cpu_s)
         peaks.append(memory.peak_mib)
         added.append(memory.added_mib)
     return dict(median=statistics.median(runs), min=min(runs), max=max(runs), runs=runs, cpu_s=statistics.median(cpu),
@@ -259,8 +283,8 @@ def machine() -> dict:
         cpu_count=os.cpu_count(),
         cpu_model=_cpu_model(),
     )
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if load_average() is not None:
+        info["load_average_at_start"] = load_average()
     try:
         import diffusers
         import transformers
@@ -274,6 +298,22 @@ def machine() -> dict:
     return info
 
 
+def machine_summary(info: dict) -> str:
+    """One line of `machine()`: "CPU model (or GPU), N cores, torch V, T thread(s)"."""
+    return (f"{info.get('gpu') or info['cpu_model']}, {info['cpu_count']} cores, torch {info['torch']}, "
+            f"{info['torch_threads']} thread(s)")
+
+
+def print_header(command: str, info: dict) -> None:
+    """Prints the command and the machine (`machine()`) a run starts with."""
+    print(f"{command}\nmachine: {machine_summary(info)}, load {info.get('load_average_at_start')}", flush=True)
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the system has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def _cpu_model() -> str:
     try:
         output = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -285,7 +325,43 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def repo_relative(value):
+    """An absolute path as the repository root sees it (`/x/shared/data/camvid` -> `../shared/data/camvid` for a
+    repository at `/x/main`); any other value unchanged. Records then name no folder of one machine."""
+    if isinstance(value, (str, os.PathLike)) and os.path.isabs(value):
+        try:
+            return os.path.relpath(value, REPO_ROOT)
+        except ValueError:  # another drive
+            return str(value)
+    return value
+
+
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command that runs benchmark `module` (e.g. "benchmarks.speed") with `argv` (default: this process's
+    arguments) from the repository root, absolute paths written relative to it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = []
+    for arg in argv:
+        option, equals, value = arg.partition("=")
+        args.append(f"{option}={repo_relative(value)}" if equals and option.startswith("--") else repo_relative(arg))
+    return shlex.join(["python", "-m", module, *map(str, args)])
+
+
+def train_argv(pretrained, output_dir, steps: int, data: Sequence[str], *, batch_size: int, learning_rate: float,
+               lr_end: float, max_shots: int, resolution: int, seed: int) -> list[str]:
+    """The `train/train.py` command line of one model of the learning benchmarks: `data` (the dataset options) and
+    a CPU, float32, one-process run of `steps` steps with a linear learning-rate decay, no checkpoints on the way."""
+    return [*data,
+        "--pretrained", str(pretrained), "--output-dir", str(output_dir), "--max-steps", str(steps),
+        "--batch-size", str(batch_size), "--gradient-accumulation-steps", "1",
+        "--learning-rate", str(learning_rate), "--lr-end", str(lr_end), "--max-shots", str(max_shots),
+        "--resolution", str(resolution), "--mixed-precision", "no", "--checkpointing-steps", str(steps + 1),
+        "--dataloader-num-workers", "0", "--report-to", "none", "--seed", str(seed), "--cpu",
+    ]
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Writes `data` as indented JSON (numpy scalars, torch dtypes and devices, and paths as their values)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
@@ -294,7 +370,7 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
-    if isinstance(value, (torch.dtype, torch.device)):
+    if isinstance(value, (torch.dtype, torch.device, os.PathLike)):
         return str(value)
     raise TypeError(f"Cannot write {type(value).__name__} to JSON.")
 

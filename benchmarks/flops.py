@@ -5,7 +5,7 @@ DiffewS step at 512 x 512 with the true Stable Diffusion 2.1 sizes, and of one S
 measures this CPU's throughput on a large 3x3 convolution and matrix product in float32 and bfloat16.
 
 Usage:
-    python benchmarks/flops.py --output benchmarks/results/flops.json
+    python -m benchmarks.flops --output benchmarks/results/flops.json
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import SD21_UNET_CONFIG, SD21_VAE_CONFIG, machine, print_table, write_json  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-from pipeline_diffews import DiffewSUNet2DConditionModel  # noqa: E402
+from benchmarks.common import SD21_UNET_CONFIG, SD21_VAE_CONFIG, command_line, machine, print_header, print_table, write_json
+from diffusers import AutoencoderKL
+from pipeline_diffews import DiffewSUNet2DConditionModel
 
 
 def tflop(fn) -> float:
@@ -92,8 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="write the results as JSON")
     args = parser.parse_args(argv)
     info = machine()
-    command = "python benchmarks/flops.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"{command}\nmachine: {info['cpu_model']}, {info['cpu_count']} cores, load {info.get('load_average_at_start')}")
+    command = command_line("benchmarks.flops", argv)
+    print_header(command, info)
     torch.set_grad_enabled(False)
     counts = count()
     print_table(counts, [("step", "step", ""), ("tflop", "TFLOP", ".3f")])

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Does DiffewS learn? A tiny DiffewS trained from scratch on CamVid on a CPU budget, against two controls.
 
-    python benchmarks/learning_camvid.py --data-root /work/shared/data/camvid --output-dir runs/learning_camvid
+    python -m benchmarks.learning_camvid --data-root ../shared/data/camvid --output-dir runs/learning_camvid
+
+`--data-root` is the CamVid folder (train/ and val/, each with images/ and labels/).
 
 1. Trains a tiny VAE (`AutoencoderKL`, scale factor 4) on CamVid training images and binary masks of the fold's
    training classes (`benchmarks/tiny_vae.py`).
-2. Builds a tiny DiffewS pipeline (a `DiffewSUNet2DConditionModel` of 3.1M parameters and that VAE) and trains it with
-   `train/train.py` on the fold's training classes (train split), 1 shot per episode, from scratch.
+2. Builds a tiny DiffewS pipeline (a `DiffewSUNet2DConditionModel` of 3.1M parameters and that VAE,
+   `benchmarks/tiny_diffews.py`) and trains it with `train/train.py` on the fold's training classes (train split),
+   1 shot per episode, from scratch.
 3. Trains the same model for the same number of steps WITHOUT supports: every support latent (image and mask) is
    replaced by zeros, in training and evaluation alike, so it can only guess the class from the query.
 4. Scores, with `train/evaluate.py`'s protocol (HSNet episodes from numpy seed 0, pooled per-class IoU), on the val
@@ -22,49 +25,33 @@ change the result: `--minutes` per model is turned into a number of steps by tim
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.tiny_vae import load_camvid_pixels, reconstruction_quality, train_tiny_vae  # noqa: E402
-from pipeline_diffews import DiffewSPipeline, DiffewSSupport, DiffewSUNet2DConditionModel  # noqa: E402
-from train.data import EvaluationEpisodes, TrainingEpisodes, build_source, collate_episodes  # noqa: E402
-from train.episode_batch import EpisodeCollator, EpisodeLatents, diffews_loss, encode_episodes  # noqa: E402
-from train.evaluate import resize_ground_truth, score_episodes  # noqa: E402
-from train.metrics import FewShotSegmentationMetric  # noqa: E402
-
-# Stable Diffusion's UNet layout (attention in the upper levels and the middle block), scaled down: 3.1M parameters.
-TINY_UNET_CONFIG = dict(
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64, 128),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=(2, 4, 8),
-    use_linear_projection=True,
-    norm_num_groups=8,
+from benchmarks.common import (
+    Stopwatch,
+    command_line,
+    load_average,
+    machine,
+    machine_summary,
+    repo_relative,
+    train_argv,
+    write_json,
 )
-
-ROWS = ("diffews", "query_only", "copy_support_mask")
-ROW_TITLES = {
-    "diffews": "DiffewS (tiny, trained here)",
-    "query_only": "same model trained without supports",
-    "copy_support_mask": "copy the support mask onto the query",
-}
-
+from benchmarks.tiny_diffews import (
+    ROW_TITLES,
+    ROWS,
+    TINY_UNET_CONFIG,
+    build_pipeline,
+    camvid_scores,
+    run_train_script,
+)
+from benchmarks.tiny_vae import load_camvid_pixels, reconstruction_quality, train_tiny_vae
+from pipeline_diffews import DiffewSPipeline
+from train.data import TrainingEpisodes, build_source
+from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,115 +87,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------- timing
-
-
-class Stopwatch:
-    """Wall and CPU seconds (`time.process_time`: every thread of this process) of a block."""
-
-    def __enter__(self) -> Stopwatch:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall_s = time.perf_counter() - self._wall
-        self.cpu_s = time.process_time() - self._cpu
-
-    def as_dict(self) -> dict:
-        return {"wall_s": round(self.wall_s, 1), "cpu_s": round(self.cpu_s, 1)}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-# ---------------------------------------------------------------------- model
-
-
-def build_pipeline(vae, resolution: int, seed: int) -> DiffewSPipeline:
-    """A randomly initialised tiny DiffewS pipeline around the trained `vae` (random empty-prompt embedding)."""
-    torch.manual_seed(seed)
-    unet = DiffewSUNet2DConditionModel(sample_size=resolution // 4, **TINY_UNET_CONFIG)
-    unet.empty_prompt_embeds = torch.randn(1, 2, TINY_UNET_CONFIG["cross_attention_dim"])
-    return DiffewSPipeline(unet=unet, vae=vae, processing_resolution=resolution)
-
-
-def zero_supports(latents: EpisodeLatents) -> EpisodeLatents:
-    """The batch with every support latent (image and mask channels) replaced by zeros."""
-    return EpisodeLatents(query=latents.query, target=latents.target, support=torch.zeros_like(latents.support))
-
-
-@contextmanager
-def supports_blanked(enabled: bool = True):
-    """While active, `train/train.py` trains on episodes whose supports are zeros (the support-free control)."""
-    import train.train as script
-
-    original = script.encode_episodes
-
-    def encode_blank(vae, pixels, sample: bool = False) -> EpisodeLatents:
-        return zero_supports(original(vae, pixels, sample=sample))
-
-    if enabled:
-        script.encode_episodes = encode_blank
-    try:
-        yield
-    finally:
-        script.encode_episodes = original
-
-
-@torch.no_grad()
-def blank_support(pipe: DiffewSPipeline, shots: int, resolution: int) -> DiffewSSupport:
-    """The cached support of zero latents that the support-free model was trained with."""
-    size = resolution // pipe.vae_scale_factor
-    zeros = torch.zeros(1, shots, pipe.unet.config.in_channels_ref, size, size, dtype=pipe.unet.dtype)
-    key_values = pipe.unet.encode_support(zeros, pipe.config.timestep)
-    return DiffewSSupport(key_values=key_values, num_shots=shots, processing_resolution=resolution)
-
-
 # ---------------------------------------------------------------------- training
 
 
-def train_argv(args, pretrained: Path, output_dir: Path, steps: int) -> list[str]:
-    """The `train/train.py` command line of one model."""
-    return [
-        "--pretrained", str(pretrained), "--dataset", "camvid", "--data-root", str(args.data_root),
-        "--output-dir", str(output_dir), "--fold", str(args.fold), "--max-steps", str(steps),
-        "--batch-size", str(args.batch_size), "--gradient-accumulation-steps", "1",
-        "--learning-rate", str(args.learning_rate), "--lr-end", str(args.lr_end), "--max-shots", str(args.max_shots),
-        "--resolution", str(args.resolution), "--mixed-precision", "no", "--checkpointing-steps", str(steps + 1),
-        "--dataloader-num-workers", "0", "--report-to", "none", "--seed", str(args.seed), "--cpu",
-    ]
-
-
-def reset_accelerate() -> None:
-    """Forgets the process-wide Accelerate state, so that each in-process training starts afresh."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def run_train_script(argv: list[str], blank: bool) -> None:
-    from train.train import main
-
-    reset_accelerate()
-    try:
-        with supports_blanked(blank):
-            code = main(argv)
-    finally:
-        reset_accelerate()
-    if code != 0:
-        raise RuntimeError(f"train/train.py exited with {code}: {shlex.join(argv)}")
+def camvid_train_argv(args, pretrained: Path, output_dir: Path, steps: int) -> list[str]:
+    """The `train/train.py` command line of one model: CamVid, the fold's training classes."""
+    data = ["--dataset", "camvid", "--data-root", str(args.data_root), "--fold", str(args.fold)]
+    return train_argv(pretrained, output_dir, steps, data, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, lr_end=args.lr_end, max_shots=args.max_shots,
+                      resolution=args.resolution, seed=args.seed)
 
 
 def seconds_per_step(args, pretrained: Path, steps: int = 8, warmup: int = 2) -> float:
@@ -223,66 +110,30 @@ def seconds_per_step(args, pretrained: Path, steps: int = 8, warmup: int = 2) ->
     episodes = TrainingEpisodes(source, max_shots=args.max_shots, batch_size=args.batch_size, seed=args.seed,
                                 num_steps=steps + warmup)
     collate = EpisodeCollator(args.resolution)
-    for step in range(steps + warmup):
-        if step == warmup:
-            start = time.process_time()
+
+    def train_step(step: int) -> None:
         latents = encode_episodes(vae, collate(episodes.batch(step)))
         loss = diffews_loss(unet, latents, pipe.config.timestep)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (time.process_time() - start) / steps
+
+    for step in range(warmup):
+        train_step(step)
+    with Stopwatch() as watch:
+        for step in range(warmup, warmup + steps):
+            train_step(step)
+    return watch.cpu_s / steps
 
 
 # ---------------------------------------------------------------------- evaluation
 
 
-def episode_loader(episodes: EvaluationEpisodes, batch_size: int):
-    return torch.utils.data.DataLoader(episodes, batch_size=batch_size, collate_fn=collate_episodes, num_workers=0)
-
-
-@torch.no_grad()
-def score_query_only(pipe, loader, metric, resolution: int, shots: int) -> None:
-    """As `train.evaluate.score_episodes`, with the zero support in place of each episode's supports."""
-    support = blank_support(pipe, shots, resolution)
-    for episodes in loader:
-        out = pipe([e.query_image for e in episodes], support=support, processing_resolution=resolution,
-                   match_input_resolution=False, batch_size=len(episodes), output_type="np")
-        for episode, mask in zip(episodes, out.masks):
-            metric.update(mask, resize_ground_truth(episode.query_mask, resolution), episode.class_id)
-
-
-def score_copy_baseline(loader, metric, resolution: int) -> None:
-    """Predicts the (first) support mask, nearest-resized to the query's scoring size."""
-    for episodes in loader:
-        for episode in episodes:
-            prediction = resize_ground_truth(episode.support_masks[0], resolution) == 1
-            metric.update(prediction, resize_ground_truth(episode.query_mask, resolution), episode.class_id)
-
-
 def evaluate_rows(args, pipelines: dict) -> dict:
-    """{row: {"seen": scores, "novel": scores}} on the val split; scores as `FewShotSegmentationMetric.compute`."""
-    results = {row: {} for row in ROWS}
-    for split_name, mode in (("seen", "train"), ("novel", "test")):
-        source = build_source("camvid", args.data_root, "val", args.fold, mode)
-        episodes = EvaluationEpisodes(source, shots=args.shots, num_episodes=args.episodes, seed=0)
-        for row in ROWS:
-            metric = FewShotSegmentationMetric(num_classes=source.num_classes)
-            loader = episode_loader(episodes, args.eval_batch_size)
-            if row == "diffews":
-                score_episodes(pipelines[row], loader, metric, args.resolution, progress=False)
-            elif row == "query_only":
-                score_query_only(pipelines[row], loader, metric, args.resolution, args.shots)
-            else:
-                score_copy_baseline(loader, metric, args.resolution)
-            scores = metric.compute()
-            results[row][split_name] = {
-                "miou": round(scores["miou"], 2), "fb_iou": round(scores["fb_iou"], 2), "episodes": scores["episodes"],
-                "per_class": {source.class_names[c]: round(v, 2) for c, v in scores["per_class"].items()},
-            }
-            print(f"{split_name:>5} {row:<18} mIoU {scores['miou']:6.2f}  FB-IoU {scores['fb_iou']:6.2f}", flush=True)
-    return results
+    """{row: {"seen": scores, "novel": scores}} on the val split; scores as `tiny_diffews.scores_of`."""
+    return {row: camvid_scores(row, pipelines.get(row), args.data_root, args.fold, args.shots, args.episodes,
+                               args.eval_batch_size, args.resolution) for row in ROWS}
 
 
 # ---------------------------------------------------------------------- report
@@ -321,10 +172,9 @@ def markdown(results: dict) -> str:
     ]
     for phase, v in t.items():
         lines.append(f"| {phase} | {v['cpu_s'] / 60:.1f} | {v['wall_s'] / 60:.1f} |")
-    m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} thread(s); "
-              f"load average {m['load_average']} at the start, {results['load_average_end']} at the end.",
-              "", "```", results["command"], "```", ""]
+    lines += ["", f"Machine: {machine_summary(results['machine'])}; load average "
+              f"{results['machine'].get('load_average_at_start')} at the start, {results['load_average_end']} at the "
+              "end.", "", "```", results["command"], "```", ""]
     return "\n".join(lines)
 
 
@@ -336,7 +186,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "benchmarks/learning_camvid.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    command = command_line("benchmarks.learning_camvid", argv)
     info, timings = machine(), {}
 
     with Stopwatch() as watch:
@@ -357,7 +207,7 @@ def main(argv=None) -> int:
 
     for row, blank in (("diffews", False), ("query_only", True)):
         with Stopwatch() as watch:
-            run_train_script(train_argv(args, init_dir, output_dir / row, steps), blank=blank)
+            run_train_script(camvid_train_argv(args, init_dir, output_dir / row, steps), blank=blank)
         timings[f"training: {ROW_TITLES[row]}"] = watch.as_dict()
         print(f"trained {row}: {watch.as_dict()}", flush=True)
 
@@ -371,16 +221,16 @@ def main(argv=None) -> int:
 
     results = {
         "rows": rows,
-        "config": {**{k: v for k, v in vars(args).items() if k != "export_pipeline"}, "steps": steps,
+        "config": {**{k: repo_relative(v) for k, v in vars(args).items() if k != "export_pipeline"}, "steps": steps,
                    "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
                    "unet_config": TINY_UNET_CONFIG},
         "vae": vae_report,
         "timings": timings,
         "machine": info,
-        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_end": load_average(),
         "command": command,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(output_dir / "results.json", results)
     (output_dir / "results.md").write_text(markdown(results))
     print(markdown(results))
     if args.export_pipeline:

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Few-shot from generated episodes: a tiny DiffewS trained on `--dataset synthetic`, scored on held-out kinds.
 
-    python benchmarks/learning_synthetic.py --output-dir runs/learning_synthetic \\
-        --camvid-root /work/shared/data/camvid --export-pipeline examples/tiny-fewshot-pipeline
+    python -m benchmarks.learning_synthetic --output-dir runs/learning_synthetic \\
+        --camvid-root ../shared/data/camvid --export-pipeline examples/tiny-fewshot-pipeline
 
-The defaults are the settings of the shipped `examples/tiny-fewshot-pipeline` (`docs/learning_synthetic.md`).
+The defaults are the settings of the shipped `examples/tiny-fewshot-pipeline` (`docs/learning_synthetic.md`);
+`--camvid-root` is the CamVid folder (train/ and val/, each with images/ and labels/).
 
 1. Trains a tiny VAE (`benchmarks/tiny_vae.py`, scale factor 4) on generated training scenes and the masks of their
    kinds (held-out kinds never shown).
-2. Builds the tiny DiffewS of `benchmarks/learning_camvid.py` (3.1M-parameter UNet) around it and trains it with
+2. Builds the tiny DiffewS of `benchmarks/tiny_diffews.py` (3.1M-parameter UNet, as `benchmarks/learning_camvid.py`) around it and trains it with
    `train/train.py --dataset synthetic` (training kinds, train split), and the same model for the same steps WITHOUT
    supports (every support latent replaced by zeros, in training and evaluation).
 3. Scores, with `train/evaluate.py`'s protocol (episodes from numpy seed 0, pooled per-class IoU), on the val split's
@@ -31,40 +32,41 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import shlex
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from benchmarks.learning_camvid import (  # noqa: E402
-    ROW_TITLES,
+from benchmarks.common import (
+    REPO_ROOT,
     Stopwatch,
-    build_pipeline,
-    episode_loader,
+    command_line,
+    load_average,
     machine,
-    run_train_script,
-    score_copy_baseline,
-    score_query_only,
+    machine_summary,
+    repo_relative,
+    write_json,
 )
-from benchmarks.tiny_vae import CamVidPixels, reconstruction_quality, train_tiny_vae  # noqa: E402
-from pipeline_diffews import DiffewSPipeline  # noqa: E402
-from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor  # noqa: E402
-from train.data import EvaluationEpisodes, build_source  # noqa: E402
-from train.evaluate import score_episodes  # noqa: E402
-from train.metrics import FewShotSegmentationMetric  # noqa: E402
+from benchmarks.common import train_argv as train_command
+from benchmarks.tiny_diffews import (
+    ROW_TITLES,
+    ROWS,
+    build_pipeline,
+    camvid_scores,
+    run_train_script,
+    scored_metric,
+    scores_of,
+)
+from benchmarks.tiny_vae import CamVidPixels, reconstruction_quality, train_tiny_vae
+from pipeline_diffews import DiffewSPipeline
+from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
+from train.data import EvaluationEpisodes, build_source
 
-ROWS = ("diffews", "query_only", "copy_support_mask")
 EXAMPLES_DIR = REPO_ROOT / "examples"
 CAMVID_RECORD = REPO_ROOT / "benchmarks" / "results" / "learning_camvid.json"
 
@@ -144,13 +146,8 @@ def train_argv(args, pretrained: Path, output_dir: Path, steps: int, dataset: st
     if mix_share:
         data += ["--mix-dataset", "synthetic", "--mix-share", str(mix_share), "--mix-source-option", f"seed={args.seed}"]
     learning_rate = args.learning_rate if dataset == "synthetic" else args.camvid_learning_rate
-    return data + [
-        "--pretrained", str(pretrained), "--output-dir", str(output_dir), "--max-steps", str(steps),
-        "--batch-size", str(args.batch_size), "--gradient-accumulation-steps", "1",
-        "--learning-rate", str(learning_rate), "--lr-end", str(args.lr_end), "--max-shots", str(args.max_shots),
-        "--resolution", str(args.resolution), "--mixed-precision", "no", "--checkpointing-steps", str(steps + 1),
-        "--dataloader-num-workers", "0", "--report-to", "none", "--seed", str(args.seed), "--cpu",
-    ]
+    return train_command(pretrained, output_dir, steps, data, batch_size=args.batch_size, learning_rate=learning_rate,
+                         lr_end=args.lr_end, max_shots=args.max_shots, resolution=args.resolution, seed=args.seed)
 
 
 class FineTune(NamedTuple):
@@ -186,27 +183,9 @@ def run_now(fn, *args) -> Future:
 # ---------------------------------------------------------------------- scoring
 
 
-def scores_of(metric: FewShotSegmentationMetric) -> dict:
-    scores = metric.compute()
-    return {"miou": round(scores["miou"], 2), "fb_iou": round(scores["fb_iou"], 2), "episodes": scores["episodes"]}
-
-
-def scored_metric(row: str, pipe, episodes: EvaluationEpisodes, args, shots: int) -> FewShotSegmentationMetric:
-    """The metric after scoring one row (`ROWS`) on `episodes`."""
-    metric = FewShotSegmentationMetric(num_classes=episodes.source.num_classes)
-    loader = episode_loader(episodes, args.eval_batch_size)
-    if row == "diffews":
-        score_episodes(pipe, loader, metric, args.resolution, progress=False)
-    elif row == "query_only":
-        score_query_only(pipe, loader, metric, args.resolution, shots)
-    else:
-        score_copy_baseline(loader, metric, args.resolution)
-    return metric
-
-
 def score_row(row: str, pipe, episodes: EvaluationEpisodes, args, shots: int) -> dict:
     """mIoU / FB-IoU of one row (`ROWS`) on `episodes`."""
-    return scores_of(scored_metric(row, pipe, episodes, args, shots))
+    return scores_of(scored_metric(row, pipe, episodes, args.eval_batch_size, args.resolution, shots))
 
 
 def evaluate_synthetic(args, pipelines: dict) -> dict:
@@ -270,17 +249,7 @@ def score_examples(pipe, folder) -> dict[str, dict[str, float]]:
 def evaluate_camvid(args, pipe, row: str = "diffews") -> dict:
     """Seen and novel classes of CamVid fold 0 (val, 1 shot), as `benchmarks/learning_camvid.py` scores them; `row`
     "query_only" scores a support-free model with the zero support it was trained with."""
-    results = {}
-    for split_name, mode in (("seen", "train"), ("novel", "test")):
-        source = build_source("camvid", args.camvid_root, "val", 0, mode)
-        episodes = EvaluationEpisodes(source, shots=1, num_episodes=args.episodes, seed=0)
-        scores = scored_metric(row, pipe, episodes, args, 1).compute()
-        results[split_name] = {
-            "miou": round(scores["miou"], 2), "fb_iou": round(scores["fb_iou"], 2), "episodes": scores["episodes"],
-            "per_class": {source.class_names[c]: round(v, 2) for c, v in scores["per_class"].items()},
-        }
-        print(f"camvid {split_name}: mIoU {scores['miou']:.2f}", flush=True)
-    return results
+    return camvid_scores(row, pipe, args.camvid_root, 0, 1, args.episodes, args.eval_batch_size, args.resolution)
 
 
 # ---------------------------------------------------------------------- report
@@ -319,10 +288,9 @@ def markdown(results: dict) -> str:
                          f"{r['novel']['miou']:.1f} |")
     timings = [f"| {phase} | {t['cpu_s'] / 60:.1f} | {t['wall_s'] / 60:.1f} |"
                for phase, t in results["timings"].items()]
-    m = results["machine"]
-    machine_line = (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} thread(s) per "
-                    f"process; load average {m['load_average']} at the start, {results['load_average_end']} at the "
-                    "end.")
+    machine_line = (f"Machine: {machine_summary(results['machine'])} per process; load average "
+                    f"{results['machine'].get('load_average_at_start')} at the start, {results['load_average_end']} "
+                    "at the end.")
     return "\n".join([*lines, "", "| phase | CPU minutes | wall minutes |", "|---|---:|---:|", *timings, "",
                       machine_line, "", "```", results["command"], "```", ""])
 
@@ -353,14 +321,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    given = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "benchmarks/learning_synthetic.py"] + given)
+    command = command_line("benchmarks.learning_synthetic", argv)
     info, timings = machine(), {}
 
     with Stopwatch() as watch:
         if args.vae_from:
             vae = AutoencoderKL.from_pretrained(Path(args.vae_from) / "vae").eval().requires_grad_(False)
-            vae_report = {"loaded_from": args.vae_from, "steps": args.vae_steps, "scaling_factor":
+            vae_report = {"loaded_from": repo_relative(args.vae_from), "steps": args.vae_steps, "scaling_factor":
                           vae.config.scaling_factor, "parameters": sum(p.numel() for p in vae.parameters())}
         else:
             pixels = synthetic_pixels(args.vae_scenes, args.resolution, args.seed)
@@ -415,19 +382,19 @@ def main(argv=None) -> int:
         pool.shutdown()
 
     results.update({
-        "config": {**{k: v for k, v in vars(args).items() if k != "export_pipeline"},
+        "config": {**{k: repo_relative(v) for k, v in vars(args).items() if k != "export_pipeline"},
                    "unet_parameters": sum(p.numel() for p in pipe.unet.parameters())},
         "vae": vae_report,
         "timings": timings,
         "machine": info,
-        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_end": load_average(),
         "command": command,
     })
     if args.export_pipeline:
         pipelines["diffews"].save_pretrained(args.export_pipeline, safe_serialization=True)
     report = markdown(results)
-    for name, text in (("results.json", json.dumps(results, indent=2, default=str) + "\n"), ("results.md", report)):
-        (output_dir / name).write_text(text)
+    write_json(output_dir / "results.json", results)
+    (output_dir / "results.md").write_text(report)
     print(report)
     return 0
 

@@ -11,8 +11,8 @@ UNet query pass (1 shot, fused with the support K/V). Each lever is a variant of
   SDPA vs explicit softmax attention in the UNet.
 
 Usage:
-    python benchmarks/levers.py --output benchmarks/results/levers.json
-    python benchmarks/levers.py --quick            # 1 repeat, the VAE decode and the UNet query pass only
+    python -m benchmarks.levers --output benchmarks/results/levers.json
+    python -m benchmarks.levers --quick            # 1 repeat, the VAE decode and the UNet query pass only
 """
 
 from __future__ import annotations
@@ -21,17 +21,13 @@ import argparse
 import contextlib
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import machine, print_table, sd21_components, time_calls, write_json  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-from pipeline_diffews.unet_diffews import _KVFusionState  # noqa: E402
+from benchmarks import common
+from benchmarks.common import command_line, machine, print_header, print_table, sd21_components, time_calls, write_json
+from diffusers import UNet2DConditionModel
+from pipeline_diffews.unet_diffews import _KVFusionState
 
 COMPONENTS = ("encode", "decode", "support_pass", "query_pass")
 
@@ -139,8 +135,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     bench = Bench(args.repeats)
     info = machine()
-    print(f"machine: {info['cpu_model']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads, "
-          f"torch {info['torch']}, load {info.get('load_average_at_start')}", flush=True)
+    print_header(command_line("benchmarks.levers", argv), info)
 
     unet, vae = sd21_components()
     cl = torch.channels_last
@@ -191,7 +186,7 @@ def main(argv=None) -> int:
     print_table(bench.rows, [("lever", "lever", ""), ("component", "component", ""), ("median_s", "median s", ".2f"),
                              ("min_s", "min s", ".2f"), ("cpu_s", "CPU s", ".2f")])
     if args.output:
-        write_json(args.output, dict(machine=info, command=" ".join(["python", "benchmarks/levers.py"] + (argv or sys.argv[1:])),
+        write_json(args.output, dict(machine=info, command=command_line("benchmarks.levers", argv),
                                      repeats=args.repeats, rows=bench.rows))
     return 0
 

@@ -7,7 +7,7 @@ first call (compilation included), and the mask agreement / largest probability 
 baseline. The baseline turns off the pipeline's split-statistics GroupNorm, which it otherwise installs on CUDA.
 
 Usage:
-    python benchmarks/levers_cuda.py | tee benchmarks/results/levers_cuda_h200.txt
+    python -m benchmarks.levers_cuda | tee benchmarks/results/levers_cuda_h200.txt
 """
 
 from __future__ import annotations
@@ -16,19 +16,15 @@ import copy
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pipeline_diffews.pipeline_diffews as pipeline_module  # noqa: E402
-from benchmarks.common import episode, median_ms, sd21_components  # noqa: E402
-from pipeline_diffews import DiffewSPipeline  # noqa: E402
+import pipeline_diffews.device_speedups as speedups
+from benchmarks.common import episode, median_ms, sd21_components
+from pipeline_diffews import DiffewSPipeline
 
 DEVICE = "cuda"
-SPLIT_STATS_GROUP_NORM = pipeline_module.use_split_stats_group_norm
+SPLIT_STATS_GROUP_NORM = speedups.use_split_stats_group_norm
 
 
 def gpu_ms(fn) -> float:
@@ -47,7 +43,7 @@ def run(label, data, reference, split_group_norm=False, channels_last=False, dty
     unet, vae = copy.deepcopy(base_unet), copy.deepcopy(base_vae)
     pipe = DiffewSPipeline(unet=unet, vae=vae, processing_resolution=512).to(DEVICE, dtype)
     pipe.set_progress_bar_config(disable=True)
-    pipeline_module.use_split_stats_group_norm = SPLIT_STATS_GROUP_NORM if split_group_norm else (lambda module: 0)
+    speedups.use_split_stats_group_norm = SPLIT_STATS_GROUP_NORM if split_group_norm else (lambda module: 0)
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

@@ -15,26 +15,21 @@ its own ratio (K one-class calls / one K-class call); the table reports the medi
 Also counted: the images each way sends through the VAE encoder (a forward hook on the encoder).
 
 Usage:
-    python benchmarks/multiclass.py --threads 2 --processing-resolution 256 --output benchmarks/results/multiclass_cpu.json
-    python benchmarks/multiclass.py --quick          # K = 1 and 3, one repetition, 128 px
+    python -m benchmarks.multiclass --threads 2 --processing-resolution 256 --output benchmarks/results/multiclass_cpu.json
+    python -m benchmarks.multiclass --quick          # K = 1 and 3, one repetition, 128 px
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine, print_table, sd21_pipeline, write_json  # noqa: E402
+from benchmarks.common import Stopwatch, command_line, machine, print_table, sd21_pipeline, write_json
 
 
 def label_episode(num_classes: int, seed: int = 0) -> dict:
@@ -63,13 +58,6 @@ class EncoderCount:
         self._handle.remove()
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - start, time.process_time() - start_cpu
-
-
 def measure(pipe, num_classes: int, repeats: int, resolution: int) -> dict:
     data = label_episode(num_classes, seed=num_classes)
     image, labels, query = data["image"], data["labels"], data["query"]
@@ -87,11 +75,12 @@ def measure(pipe, num_classes: int, repeats: int, resolution: int) -> dict:
         order = [("one_call", one_call), ("separate_calls", separate_calls)]
         for name, fn in order if repeat % 2 == 0 else order[::-1]:
             counter = EncoderCount(pipe.vae)
-            wall, process = timed(fn)
+            with Stopwatch() as watch:
+                fn()
             counter.close()
             counts[name] = counter.images
-            runs[name].append(wall)
-            cpu[name].append(process)
+            runs[name].append(watch.wall_s)
+            cpu[name].append(watch.cpu_s)
     ratios = [s / o for s, o in zip(runs["separate_calls"], runs["one_call"])]
     row = dict(
         classes=num_classes,
@@ -139,7 +128,7 @@ def main(argv=None) -> None:
                        ("separate_calls_encoded_images", "VAE encodes, K calls", "")])
     result = dict(
         benchmark="multiclass",
-        command=" ".join(["python", "benchmarks/multiclass.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=command_line("benchmarks.multiclass", argv),
         machine=machine(),
         processing_resolution=args.processing_resolution,
         repeats=args.repeats,

@@ -8,8 +8,8 @@ exact float32 path. Each call includes pre- and post-processing; each method at 
 SegGPT, 512 DiffewS). Wall time is the median of --repeats calls after one warm-up.
 
 Usage:
-    python benchmarks/peers.py --output benchmarks/results/peers_cpu.json
-    python benchmarks/peers.py --quick
+    python -m benchmarks.peers --output benchmarks/results/peers_cpu.json
+    python -m benchmarks.peers --quick
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import episode, machine, print_table, sd21_components, time_calls, write_json  # noqa: E402
-from pipeline_diffews import DiffewSPipeline  # noqa: E402
+from benchmarks import common
+from benchmarks.common import command_line, episode, machine, print_header, print_table, sd21_components, time_calls, write_json
+from pipeline_diffews import DiffewSPipeline
 
 
 class SegGpt:
@@ -75,9 +71,8 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     device = args.device
     info = machine()
-    command = "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"{command}\nmachine: {info.get('gpu') or info['cpu_model']}, {info['cpu_count']} cores, "
-          f"{info['torch_threads']} torch threads, load {info.get('load_average_at_start')}", flush=True)
+    command = command_line("benchmarks.peers", argv)
+    print_header(command, info)
 
     data = episode(1, args.queries, seed=1)
     query, support_image, support_mask = data["queries"][0], data["support_images"][0], data["support_masks"][0]

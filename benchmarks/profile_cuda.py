@@ -7,7 +7,7 @@ by CPU time and by GPU time, and last a call with a compiled VAE decoder. PyTorc
 the pipeline's split-statistics GroupNorm (`benchmarks/levers_cuda.py` compares the two).
 
 Usage:
-    python benchmarks/profile_cuda.py | tee benchmarks/results/profile_cuda_h200.txt
+    python -m benchmarks.profile_cuda | tee benchmarks/results/profile_cuda_h200.txt
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import functools
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pipeline_diffews.pipeline_diffews as pipeline_module  # noqa: E402
-from benchmarks.common import episode, median_ms, sd21_components  # noqa: E402
-from pipeline_diffews import DiffewSPipeline  # noqa: E402
+import pipeline_diffews.device_speedups as speedups
+from benchmarks.common import episode, median_ms, sd21_components
+from pipeline_diffews import DiffewSPipeline
 
 DEVICE = "cuda"
 wall_ms = functools.partial(median_ms, warmup=0)  # every stage is timed right after the warmed-up calls
@@ -36,7 +32,7 @@ def main() -> int:
         print("profile_cuda.py needs a CUDA device", file=sys.stderr)
         return 2
     torch.set_grad_enabled(False)
-    pipeline_module.use_split_stats_group_norm = lambda module: 0  # PyTorch's GroupNorm
+    speedups.use_split_stats_group_norm = lambda module: 0  # PyTorch's GroupNorm
     unet, vae = sd21_components()
     pipe = DiffewSPipeline(unet=unet, vae=vae, processing_resolution=512).to(DEVICE, torch.float16)
     pipe.set_progress_bar_config(disable=True)

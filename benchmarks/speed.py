@@ -15,10 +15,10 @@ the ratio to the authors' way. The first call of the default pipeline on CPU con
 apart ("one-time conversion").
 
 Usage:
-    python benchmarks/speed.py --output benchmarks/results/speed_cpu.json --plot docs/latency_vs_queries.png
-    python benchmarks/speed.py --quick                       # 1 shot, 1 repeat
-    python benchmarks/speed.py --device cuda --output benchmarks/results/speed_cuda.json
-    python benchmarks/speed.py --plot-from benchmarks/results/speed_cpu.json --plot docs/latency_vs_queries.png
+    python -m benchmarks.speed --output benchmarks/results/speed_cpu.json --plot docs/latency_vs_queries.png
+    python -m benchmarks.speed --quick                       # 1 shot, 1 repeat
+    python -m benchmarks.speed --device cuda --output benchmarks/results/speed_cuda.json
+    python -m benchmarks.speed --plot-from benchmarks/results/speed_cpu.json --plot docs/latency_vs_queries.png
 """
 
 from __future__ import annotations
@@ -34,13 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common  # noqa: E402
-from benchmarks.common import episode, machine, print_table, sd21_components, time_calls, write_json  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-from pipeline_diffews import DiffewSPipeline  # noqa: E402
+from benchmarks import common
+from benchmarks.common import command_line, episode, machine, machine_summary, print_header, print_table, sd21_components, time_calls, write_json
+from diffusers import UNet2DConditionModel
+from pipeline_diffews import DiffewSPipeline
 
 
 # ---------------------------------------------------------------------------------------------------- authors' way
@@ -323,7 +320,7 @@ def plot(results: dict, path: str, shots: int = 1) -> None:
     ax.set_xlabel("queries segmented with the same supports")
     ax.set_ylabel("seconds per query (log)")
     info = results["machine"]
-    where = info.get("gpu") or f"{info['cpu_model']}, {info['cpu_count']} cores, {info['torch_threads']} threads"
+    where = info.get("gpu") or machine_summary(info)
     ax.set_title(f"DiffewS, {shots}-shot, 512 px, SD 2.1 sizes, random weights: {where}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -365,9 +362,8 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
 
     info = machine()
-    command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"{command}\nmachine: {info.get('gpu') or info['cpu_model']}, {info['cpu_count']} cores, "
-          f"{info['torch_threads']} torch threads, load {info.get('load_average_at_start')}", flush=True)
+    command = command_line("benchmarks.speed", argv)
+    print_header(command, info)
     results = run_cuda(args) if args.device.startswith("cuda") else run_cpu(args)
     results.update(machine=info, command=command, args=vars(args))
 

@@ -14,13 +14,13 @@ Stable Diffusion.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from benchmarks.common import Stopwatch
 from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
 from train.data import build_source
 
@@ -101,27 +101,27 @@ def train_tiny_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     generator = torch.Generator().manual_seed(seed)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for step in range(1, steps + 1):
-        pixels = _batch(data, batch_size, generator)
-        posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
-        mse = F.mse_loss(reconstruction, pixels)
-        kl = posterior.kl().mean()
-        loss = mse + kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        if log_every and (step % log_every == 0 or step == steps):
-            print(f"vae step {step}/{steps}: mse {mse.item():.4f} kl {kl.item():.1f}", flush=True)
-    vae.eval().requires_grad_(False)
-    scaling = set_scaling_factor(vae, data)
+    with Stopwatch() as watch:
+        for step in range(1, steps + 1):
+            pixels = _batch(data, batch_size, generator)
+            posterior = vae.encode(pixels).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+            mse = F.mse_loss(reconstruction, pixels)
+            kl = posterior.kl().mean()
+            loss = mse + kl_weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            if log_every and (step % log_every == 0 or step == steps):
+                print(f"vae step {step}/{steps}: mse {mse.item():.4f} kl {kl.item():.1f}", flush=True)
+        vae.eval().requires_grad_(False)
+        scaling = set_scaling_factor(vae, data)
     report = {
         "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "kl_weight": kl_weight,
         "final_mse": mse.item(), "scaling_factor": scaling, "parameters": sum(p.numel() for p in vae.parameters()),
-        "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+        "wall_s": watch.wall_s, "cpu_s": watch.cpu_s,
     }
     return vae, report
 

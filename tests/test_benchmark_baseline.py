@@ -1,4 +1,4 @@
-"""The benchmarks' "authors' way" (benchmarks/speed.py) computes what the pipeline computes, so that its speed ratios
+"""The benchmarks' "authors' way" (`benchmarks.speed`) computes what the pipeline computes, so that its speed ratios
 compare equal work."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.fixtures_data import CAMVID  # noqa: F401  (first: puts the repository root on sys.path)
 from benchmarks.speed import AuthorsWay
 from pipeline_diffews import DiffewSPipeline
 from tests.tiny_models import RESOLUTION, random_box_mask, random_image, tiny_unet, tiny_vae

@@ -1,4 +1,4 @@
-"""`benchmarks/learning_camvid.py` end to end on CamVid with a couple of steps of everything (tiny, CPU)."""
+"""`python -m benchmarks.learning_camvid` end to end on CamVid with a couple of steps of everything (tiny, CPU)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.fixtures_data import CAMVID  # first: puts the repository root on sys.path
-from benchmarks.learning_camvid import ROWS, main, parse_args, score_copy_baseline
+from benchmarks.learning_camvid import ROWS, main, parse_args
+from benchmarks.tiny_diffews import score_copy_baseline
+from tests.fixtures_data import CAMVID, needs_camvid
+from tests.training_runs import index_cache  # noqa: F401  (autouse fixtures)
 from train.data import Episode
 from train.metrics import FewShotSegmentationMetric
-from tests.training_runs import index_cache  # noqa: F401  (autouse fixtures)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "tiny-camvid-pipeline"
 
-pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid data not available")
+pytestmark = needs_camvid
 
 
 def conv_in_ref(folder) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Training on generated episodes: `train/train.py --dataset synthetic` learns; `benchmarks/learning_synthetic.py`
-runs end to end."""
+"""Training on generated episodes: `train/train.py --dataset synthetic` learns; `python -m
+benchmarks.learning_synthetic` runs end to end."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures_data import CAMVID, ROOT  # ROOT: puts the repository root on sys.path
 from benchmarks.learning_synthetic import ROWS, main, parse_args, score_examples, synthetic_pixels
 from benchmarks.learning_synthetic import train_argv as benchmark_train_argv
 from pipeline_diffews import DiffewSPipeline
+from tests.fixtures_data import CAMVID, ROOT
 from tests.tiny_models import save_tiny_pipeline
 from tests.training_runs import run_train, train_argv
 from tests.training_runs import single_thread  # noqa: F401  (autouse fixture)
