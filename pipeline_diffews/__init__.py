@@ -15,6 +15,7 @@ __all__ = [
     "DiffewSPipelineOutput",
     "DiffewSSupport",
     "DiffewSUNet2DConditionModel",
+    "ModelNotFoundError",
     "SupportKeyValues",
     "SupportSet",
     "load_mask",
@@ -25,9 +26,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """`load_pipeline` and `resolve_model` (the official names) come from `official`, imported on first use so that
+    """`load_pipeline`, `resolve_model` and `ModelNotFoundError` (the official names) come from `official`, imported on first use so that
     `python -m pipeline_diffews.<module>` does not import its module twice."""
-    if name in ("load_pipeline", "resolve_model"):
+    if name in ("load_pipeline", "resolve_model", "ModelNotFoundError"):
         from . import official
 
         return getattr(official, name)
