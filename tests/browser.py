@@ -61,9 +61,10 @@ def chromium():
             browser.close()
 
 
-def open_page(browser_or_context, url: str, width: int = 1400, height: int = 1000):
-    """A page of the demo at `url`, in a window of width x height, ready."""
-    page = browser_or_context.new_page(viewport={"width": width, "height": height})
+def open_page(browser, url: str, width: int = 1400, height: int = 1000):
+    """A page of the demo at `url` in a new browser context (a session of its own: its own cookies and storage), in a
+    window of width x height, ready."""
+    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
     page.set_default_timeout(60_000)
     page.goto(url)
     page.wait_for_selector("#support-1")
