@@ -281,6 +281,14 @@ class DiffewSImageProcessor:
         )
 
     @staticmethod
+    def merge_classes(above: torch.Tensor, probability: torch.Tensor, class_ids: list[int]) -> torch.Tensor:
+        """The class-merging rule. above: bool [K, H, W] (each class's thresholded mask), probability: float
+        [K, H, W], class_ids: the K ids -> int64 [H, W]: each pixel takes the id of the likeliest class among those
+        whose mask holds there, else 0 (one class: its mask times its id)."""
+        best = torch.where(above, probability, -1.0).argmax(dim=0)
+        return torch.where(above.any(dim=0), torch.as_tensor(class_ids)[best], 0)
+
+    @staticmethod
     def export_classes(label_map: torch.Tensor, class_probabilities: torch.Tensor, output_type: str,
                        palette: list[int] | None):
         """label_map int64 [H, W], class_probabilities float [K, H, W] on CPU -> the requested output type: uint8

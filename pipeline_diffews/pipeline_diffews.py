@@ -572,8 +572,7 @@ class DiffewSPipeline(DiffusionPipeline):
         for per_class in maps:
             probability = torch.stack([p for p, _ in per_class])  # [K, H, W]
             above = torch.stack([m for _, m in per_class])  # [K, H, W]
-            best = torch.where(above, probability, -1.0).argmax(dim=0)  # the likeliest class among those above
-            label_map = torch.where(above.any(dim=0), torch.tensor(class_ids)[best], 0)  # int64 [H, W]
+            label_map = self.image_processor.merge_classes(above, probability, class_ids)  # int64 [H, W]
             mask, prob = self.image_processor.export(label_map > 0, probability.amax(dim=0), output_type)
             outputs["masks"].append(mask)
             outputs["probabilities"].append(prob)

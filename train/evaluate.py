@@ -35,7 +35,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pipeline_diffews import load_pipeline, resolve_model  # noqa: E402
+from pipeline_diffews import DiffewSImageProcessor, load_pipeline, resolve_model  # noqa: E402
 from pipeline_diffews.official import OFFICIAL_MODELS  # noqa: E402
 from train.data import SOURCES, EvaluationEpisodes, MulticlassEpisodes, build_source, collate_episodes  # noqa: E402
 from train.data.episodes import PROTOCOLS, EpisodeSpec  # noqa: E402
@@ -226,8 +226,8 @@ def evaluate_one_class(args, accelerator, source, pipe) -> tuple[dict, list[dict
 def merge_class_masks(masks: np.ndarray, probabilities: np.ndarray, labels: list[int]) -> np.ndarray:
     """The pipeline's label-map rule: a pixel takes the label of the likeliest class among those whose mask holds it,
     else 0. masks: bool [K, H, W]; probabilities: float [K, H, W]; labels: the K labels -> uint8 [H, W]."""
-    best = np.where(masks, probabilities, -1.0).argmax(0)
-    return np.where(masks.any(0), np.asarray(labels, np.uint8)[best], 0).astype(np.uint8)
+    merged = DiffewSImageProcessor.merge_classes(torch.from_numpy(masks), torch.from_numpy(probabilities), list(labels))
+    return merged.numpy().astype(np.uint8)
 
 
 def timed(fn):
