@@ -158,3 +158,38 @@ def test_paint_and_erase_on_an_example_then_segment_matches_the_truth(fewshot_ur
                 assert result.size == (truth.shape[1], truth.shape[0])
                 assert iou(np.asarray(result) > 0, truth) >= 0.8, f"query_{number}"
         page.screenshot(path=str(tmp_path / "segmented.png"), full_page=True)
+
+
+def test_an_uploaded_mask_file_is_the_editable_layer_and_captions_show_every_class(fewshot_url, shots, tmp_path):
+    image = np.asarray(PIL.Image.open(BALLOONS / "support_1.png").convert("RGB"))
+    labels = (np.asarray(PIL.Image.open(BALLOONS / "support_1_mask.png")) >= 128).astype(np.uint8)
+    labels[(image[..., 2] > 150) & (image[..., 0] < 80)] = 2  # the blue balloon: class 2
+    label_file = PIL.Image.fromarray(labels, "L").convert("P")
+    label_file.putpalette([0, 0, 0, 250, 20, 20, 40, 40, 240] + [128] * (768 - 9))
+    label_file.save(tmp_path / "labels.png")
+    with chromium() as browser:
+        page = open_page(browser, fewshot_url, 1024, 768)
+        load_example(page, "balloons")
+        page.get_by_text("…or upload its mask").first.click()
+        page.locator("#support-mask-1 input[type=file]").set_input_files(str(tmp_path / "labels.png"))
+        page.locator(".toast-body").filter(has_text="2 classes: ids 1, 2").first.wait_for()
+        page.wait_for_timeout(1500)
+        editor = Editor(page, "support-1", (image.shape[1], image.shape[0]))
+        assert iou(painted(editor.shown(), image), labels > 0) >= 0.8  # both classes drawn over their objects
+        blue = np.argwhere(labels == 2).mean(0).astype(int)
+        editor.dab("Erase", blue[1], blue[0])  # edited like strokes
+        page.fill("#class-names textarea", "red balloon, blue balloon")
+        page.click("#segment-button")
+        wait_for_status(page, "Segmented 2 images")
+
+        [sent] = shots[-1:]
+        changed = sent[0] != labels
+        assert changed.any() and (sent[0][changed] == 0).all() and (labels[changed] == 2).all()  # erased class 2 only
+        assert np.abs(np.argwhere(changed).mean(0) - blue).max() < 30
+        captions = page.eval_on_selector_all(
+            "#overlays .caption-label", "els => els.map(e => [e.innerText, e.scrollWidth <= e.clientWidth])"
+        )
+        assert len(captions) == 2
+        for text, fits in captions:
+            assert re.search(r"red balloon [0-9.]+%, blue balloon [0-9.]+%", text) and fits
+        page.locator("#overlays").screenshot(path=str(tmp_path / "captions.png"))
