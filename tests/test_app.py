@@ -308,9 +308,10 @@ def test_gpu_decorator_is_a_no_op_without_spaces():
     assert app.gpu(duration=10)(fn) is fn
 
 
-def test_a_model_that_cannot_be_loaded_ends_with_one_line(tmp_path):
+@pytest.mark.parametrize("model", ["absolute", "examples/no-such-model"])
+def test_a_model_that_cannot_be_loaded_ends_with_one_line(tmp_path, model):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    missing = str(tmp_path / "no_such_model")
+    missing = str(tmp_path / "no_such_model") if model == "absolute" else model
     done = subprocess.run(
         [sys.executable, str(ROOT / "app.py"), "--model", missing],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
@@ -319,4 +320,12 @@ def test_a_model_that_cannot_be_loaded_ends_with_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Could not load the DiffewS model '{missing}'")
+    assert "no such folder" in last and "incontext" in last and "internet" not in last  # a typo, not the network
     assert "Pass --model" in last
+
+
+def test_the_help_names_the_official_models(capsys):
+    with pytest.raises(SystemExit):
+        app.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "incontext" in help_text and "coco-fold0" in help_text and "coco-fold3" in help_text
