@@ -1,6 +1,6 @@
 """No module imports a module that imports it, directly or around a circle: the import graph of the package, the
 training and benchmark folders and the demo, read from the sources (every import statement, also those inside
-functions), has no cycle. The package imports nothing from train/, benchmarks/ or the demo."""
+functions and under TYPE_CHECKING), has no cycle. The package imports nothing from train/, benchmarks/ or the demo."""
 
 from __future__ import annotations
 
@@ -107,9 +107,11 @@ def test_the_graph_is_read_from_the_sources():
     assert "pipeline_diffews.official" in graph["pipeline_diffews.segment"]
     assert "pipeline_diffews.hub" in graph["pipeline_diffews.official"]
     assert "pipeline_diffews.publish" in graph["pipeline_diffews.cli"]
+    assert "train.data.protocol" in graph["train.data.base"] and "train.data.base" in graph["train.data.episodes"]
+    assert "pipeline_diffews" in graph["train.evaluate"] and "train.data" in graph["train.evaluate"]
 
 
-@pytest.mark.parametrize("folder", ["pipeline_diffews", None])
+@pytest.mark.parametrize("folder", ["pipeline_diffews", "train", None])
 def test_no_module_imports_a_module_that_imports_it(folder):
     graph = import_graph()
     if folder is not None:
