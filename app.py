@@ -642,13 +642,15 @@ def load_failure(model: str, error: Exception) -> str:
     """The one line that ends the program when `model` cannot be loaded: ModelNotFoundError's message as it is (it
     names the value and why), another error's type and first sentence."""
     message = (str(error).strip().splitlines() or [""])[0]
+    names = "an official name"
     if isinstance(error, ModelNotFoundError):
         reason = message.removeprefix(f"{model}: ").rstrip(".")
     else:
         reason = f"{type(error).__name__}: {message.split('. ')[0].rstrip('.')}"
         reason = reason if len(reason) <= 200 else reason[:199] + "…"
-    return (f"Could not load the DiffewS model {model!r}: {reason}. Pass --model with an official name "
-            f"({official_names()}), a saved pipeline folder or a Hub repo id, or set {MODEL_ENV}.")
+        names += f" ({official_names()})"
+    return (f"Could not load the DiffewS model {model!r}: {reason}. Pass --model with {names}, a saved pipeline "
+            f"folder or a Hub repo id, or set {MODEL_ENV}.")
 
 
 def _cuda() -> bool:

@@ -412,7 +412,6 @@ class Session:
     result: Segmentation | None = None
     class_names: dict[int, str] = dataclasses.field(default_factory=dict)
     editing: int | None = None
-    cache: SupportCache = dataclasses.field(default_factory=SupportCache)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
