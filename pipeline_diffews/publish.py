@@ -20,7 +20,6 @@ from huggingface_hub import ModelCard, constants
 
 from .hub import build_model_card, check_repo_id
 from .official import (
-    DEFAULT_BASE_MODEL,
     MODELSCOPE_REPO,
     OFFICIAL_MODELS,
     OfficialModel,
@@ -30,6 +29,7 @@ from .official import (
     official_source,
     resolve_model,
 )
+from .pipeline_diffews import DEFAULT_BASE_MODEL, DiffewSPipeline
 
 
 def publish(name_or_dir: str, repo_id: str, private: bool = False, token: str | None = None):
@@ -37,8 +37,6 @@ def publish(name_or_dir: str, repo_id: str, private: bool = False, token: str | 
     `push_to_hub`: weights, configs, the code files (so `DiffusionPipeline.from_pretrained(repo_id,
     trust_remote_code=True)` loads it) and the card of `folder_model_card`. Returns the upload's `CommitInfo`.
     """
-    from .pipeline_diffews import DiffewSPipeline
-
     check_repo_id(repo_id)
     folder = Path(resolve_model(name_or_dir))
     _check_folder(folder, name_or_dir)
