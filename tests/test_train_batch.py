@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
+from pipeline_diffews import DiffewSImageProcessor
 from tests.fixtures_data import CAMVID, needs_camvid
 from tests.tiny_models import RESOLUTION, tiny_pipeline
 from tests.training_runs import TRAIN_RESOLUTION
