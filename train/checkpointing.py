@@ -143,7 +143,7 @@ def check_resume(args, accelerator, resume) -> int:
         changed = [k for k in RESUME_SETTINGS if saved.get("args", {}).get(k) != now.get(k)]
         if changed:
             run_logger.warning(f"Resuming with other {', '.join(changed)} than {folder}: the run will differ from an "
-                           "uninterrupted one.")
+                               "uninterrupted one.")
     return step
 
 

@@ -47,7 +47,6 @@ def fold_class_ids(num_classes: int, fold: int, num_folds: int, rule: str) -> tu
     return [c for c in range(num_classes) if c not in held], test
 
 
-
 @dataclass(frozen=True)
 class EpisodePlan:
     """How a benchmark's reference code draws its test episodes (read by :func:`draw_plan_specs`).
