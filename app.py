@@ -134,7 +134,8 @@ def _read_support_files(support_images, support_masks, read) -> tuple[list, list
         demo_utils.to_rgb(demo_utils.open_image(path, f"Support image {i}"))
         for i, path in enumerate(support_images, 1)
     ]
-    masks = [read(path, image.size, f"Support mask {i}") for i, (path, image) in enumerate(zip(support_masks, images), 1)]
+    masks = [read(path, image.size, f"Support mask {i}")
+             for i, (path, image) in enumerate(zip(support_masks, images), 1)]
     return images, masks
 
 
@@ -472,13 +473,13 @@ def build_demo(pipe) -> gr.Blocks:
     defaults = {"mode": pipe.config.threshold_mode, "threshold": float(pipe.config.threshold)}
     brush_colors = [(color, demo_utils.BRUSH_OPACITY) for color in demo_utils.CLASS_COLORS]
 
-    def image_editor(label: str, elem_id: str) -> gr.ImageEditor:
+    def image_editor(label: str, elem_id: str, sources=("upload", "clipboard")) -> gr.ImageEditor:
         return gr.ImageEditor(
             label=label,
             type="numpy",
             image_mode="RGBA",
             format="png",
-            sources=("upload", "clipboard"),
+            sources=sources,
             brush=gr.Brush(colors=brush_colors, default_color=brush_colors[0], color_mode="fixed"),
             eraser=gr.Eraser(),
             layers=False,
@@ -556,7 +557,7 @@ def build_demo(pipe) -> gr.Blocks:
                 gr.HTML(demo_utils.color_scale_html(), elem_id="color-scale")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                correction = image_editor("Correct the result: brush adds, eraser removes", "correction")
+                correction = image_editor("Correct the result: brush adds, eraser removes", "correction", sources=())
             with gr.Column(scale=2):
                 correction_note = gr.Markdown("Click a result above to correct it here.", elem_id="correction-note")
                 add_button = gr.Button("Add as example", variant="primary", elem_id="add-example")

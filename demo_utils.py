@@ -679,7 +679,7 @@ def describe_set(examples: ExampleSet | None, max_shots: int) -> str:
     text = (
         f"Example set: **{examples.num_shots}** example{'s' if examples.num_shots != 1 else ''} "
         f"(up to {max_shots}; {added} added from corrected results), "
-        f"{examples.support.num_shots} shots cached."
+        f"{examples.support.num_shots} shot{'s' if examples.support.num_shots != 1 else ''} cached."
     )
     if examples.last_added_seconds is not None:
         text += f" Adding the last one took {examples.last_added_seconds:.2f} s (its support pass only)."

@@ -47,6 +47,16 @@ def require_browser():
         pytest.skip(missing)
 
 
+@pytest.fixture(scope="module")
+def fewshot_url():
+    """The demo served with the shipped few-shot model (which segments the page's examples)."""
+    from tests.test_app import running_app
+
+    require_browser()
+    with running_app(FEWSHOT_MODEL) as url:
+        yield url
+
+
 @contextlib.contextmanager
 def chromium():
     """A headless Chromium browser."""

@@ -15,13 +15,13 @@ import PIL.Image
 import pytest
 
 import demo_utils
-from tests.browser import (
-    FEWSHOT_MODEL,
+from tests.browser import (  # noqa: F401 (fewshot_url: a fixture)
     ROOT,
     WINDOWS,
     Editor,
     chromium,
     fetch_image,
+    fewshot_url,
     iou,
     load_example,
     open_page,
@@ -40,13 +40,6 @@ def page(saved_pipeline):
     require_browser()
     with running_app(saved_pipeline) as url, chromium() as browser:
         yield open_page(browser, url, VIEWPORT["width"], VIEWPORT["height"])
-
-
-@pytest.fixture(scope="module")
-def fewshot_url():
-    require_browser()
-    with running_app(FEWSHOT_MODEL) as url:
-        yield url
 
 
 @pytest.fixture

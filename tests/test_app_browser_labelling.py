@@ -12,28 +12,19 @@ import zipfile
 
 import numpy as np
 import PIL.Image
-import pytest
 
-from tests.browser import (
+from tests.browser import (  # noqa: F401 (fewshot_url: a fixture)
     FEWSHOT_MODEL,
     Editor,
     chromium,
     fetch_image,
+    fewshot_url,
     iou,
     load_example,
     open_page,
     painted,
-    require_browser,
     wait_for_status,
 )
-from tests.test_app import running_app
-
-
-@pytest.fixture(scope="module")
-def fewshot_url():
-    require_browser()
-    with running_app(FEWSHOT_MODEL) as url:
-        yield url
 
 
 def segment_example(page, name: str) -> None:

@@ -3,7 +3,6 @@ download the masks, the example set and a COCO file."""
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 
@@ -14,26 +13,8 @@ import pytest
 
 import app
 import demo_utils
-from tests.test_app import editor_value, page_inputs, running_app, write_image
-from tests.test_app_multiclass import two_classes, write_label_map
-
-
-@pytest.fixture(scope="module")
-def url(saved_pipeline):
-    with running_app(saved_pipeline) as address:
-        yield address
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("labelling")
-    return {
-        "support": write_image(folder / "support.png", 96, 80, seed=1),
-        "labels": write_label_map(folder / "labels.png", two_classes(80, 96)),
-        "query_a": write_image(folder / "a.png", 120, 90, seed=2),
-        "query_b": write_image(folder / "b.png", 70, 50, seed=3),
-        "query_c": write_image(folder / "c.png", 64, 64, seed=4),
-    }
+from tests.test_app import editor_value, page_inputs, write_image
+from tests.test_app_multiclass import files, url  # noqa: F401 (fixtures: a served tiny pipeline, its files)
 
 
 @pytest.fixture
@@ -50,10 +31,10 @@ def encodes(monkeypatch):
     return calls
 
 
-def segmented(files, queries=("query_a", "query_b"), mask_file=None, class_names=""):
-    """A session that segmented `queries` with one painted example (or its mask file)."""
+def segmented(files, queries=("query_a", "query_b"), mask_file=None, class_names=""):  # noqa: F811
+    """A session that segmented `queries` (keys of `files`, or paths) with one painted example (or its mask file)."""
     painted = editor_value(files["support"], (slice(10, 30), slice(20, 60)))
-    inputs = page_inputs([painted], [files[mask_file]] if mask_file else [], [files[q] for q in queries])
+    inputs = page_inputs([painted], [files[mask_file]] if mask_file else [], [files.get(q, q) for q in queries])
     session, *_ = app._page_segment(None, None, inputs[: app.MAX_SHOTS], inputs[app.MAX_SHOTS : 2 * app.MAX_SHOTS],
                                     *inputs[2 * app.MAX_SHOTS :], class_names)
     return session
@@ -96,7 +77,7 @@ def test_a_corrected_result_joins_the_example_set_and_the_others_are_segmented_a
 
     # Segment again with the same painted example: the grown set is used as it is (no support pass).
     painted = editor_value(files["support"], (slice(10, 30), slice(20, 60)))
-    inputs = page_inputs([painted], [], [files["query_c"]])
+    inputs = page_inputs([painted], [], [files["query_b"]])
     session, *_, status = app._page_segment(session, None, inputs[: app.MAX_SHOTS],
                                             inputs[app.MAX_SHOTS : 2 * app.MAX_SHOTS], *inputs[2 * app.MAX_SHOTS :], "")
     assert "Examples: 2" in status and "reused from the cache" in status and len(encodes) == 2
@@ -136,7 +117,8 @@ def test_the_download_holds_masks_examples_and_coco(url, files, tmp_path):
     session, *_, download, _ = app.add_example(session, value, "relative", 0.25)
     _check_zip(download["value"], session, tmp_path, binary=True)
 
-    session = segmented(files, queries=("query_a", "query_c"), mask_file="labels", class_names="grass, x, sky")
+    square = write_image(tmp_path / "c.png", 64, 64, seed=4)
+    session = segmented(files, queries=("query_a", square), mask_file="labels", class_names="grass, x, sky")
     download = app._download(session)
     categories = _check_zip(download["value"], session, tmp_path / "several", binary=False)
     assert categories == {1: "grass", 3: "sky"}

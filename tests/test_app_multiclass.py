@@ -85,10 +85,13 @@ def test_segment_classes_serves_index_pngs_and_a_legend(url, files):
     assert "<" not in status and "*" not in status  # plain text
     assert [f["orig_name"] for f in label_files] == ["a_labels.png", "b_labels.png"]
     assert [[Path(f["path"]).name for f in group] for group in probability_files] == [  # per query, per class
-        ["a_class1_probability.png", "a_class3_probability.png"], ["b_class1_probability.png", "b_class3_probability.png"]
+        ["a_class1_probability.png", "a_class3_probability.png"],
+        ["b_class1_probability.png", "b_class3_probability.png"],
     ]
     probability_files = [f for group in probability_files for f in group]
-    fetch = lambda f: PIL.Image.open(io.BytesIO(httpx.get(f.get("url") or f"{url}gradio_api/file={f['path']}").content))  # noqa: E731
+    fetch = lambda f: PIL.Image.open(  # noqa: E731
+        io.BytesIO(httpx.get(f.get("url") or f"{url}gradio_api/file={f['path']}").content)
+    )
     for q, size in enumerate([(120, 90), (70, 50)]):
         labels = fetch(label_files[q])
         assert (labels.mode, labels.size) == ("P", size)
@@ -148,7 +151,8 @@ def test_segment_classes_reports_user_errors(url, files, tmp_path, case, message
 
 def test_page_paints_two_classes_in_two_brush_colours(url, files):
     first, second = demo_utils.CLASS_COLORS[:2]
-    editor = painted_editor(files["support"], {first: (slice(10, 30), slice(10, 40)), second: (slice(45, 70), slice(50, 90))})
+    editor = painted_editor(files["support"],
+                            {first: (slice(10, 30), slice(10, 40)), second: (slice(45, 70), slice(50, 90))})
     second_only = painted_editor(files["query_b"], {second: (slice(5, 20), slice(30, 60))})  # no class 1 here
     overlays, heatmaps, label_paths, status = app.segment_page(
         *page_inputs([editor, second_only], [], [files["query_a"], files["query_b"]], "relative", 0.25), "road, car"
