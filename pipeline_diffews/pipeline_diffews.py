@@ -125,8 +125,8 @@ class DiffewSPipeline(DiffusionPipeline):
     """Few-shot segmentation with DiffewS: one UNet step from a query image to its mask.
 
     Components:
-        unet (`DiffewSUNet2DConditionModel`): Stable Diffusion 2.1's UNet with `conv_in_ref` for the supports, KV-fusion
-            self-attention, and the empty-prompt embedding stored as a buffer.
+        unet (`DiffewSUNet2DConditionModel`): Stable Diffusion 2.1's UNet with `conv_in_ref` for the supports,
+            KV-fusion self-attention, and the empty-prompt embedding stored as a buffer.
         vae (`AutoencoderKL`): Stable Diffusion 2.1's VAE, for images and masks alike.
 
     Config: `timestep` (1), `processing_resolution` (512), `threshold_mode` ("relative"), `threshold` (0.25),
@@ -211,7 +211,8 @@ class DiffewSPipeline(DiffusionPipeline):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Writes `model_index.json` in the form that loads this file's code, and copies the code beside the weights."""
+        """Writes `model_index.json` in the form that loads this file's code, and copies the code beside the
+        weights: this file, the modules it imports relatively, and the UNet's file in `unet/`."""
         super().save_config(save_directory, *args, **kwargs)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as f:
@@ -224,12 +225,22 @@ class DiffewSPipeline(DiffusionPipeline):
         source = inspect.getsourcefile(type(self))
         shutil.copyfile(source, os.path.join(save_directory, f"{PIPELINE_MODULE}.py"))
         for module in PIPELINE_HELPER_MODULES:
-            shutil.copyfile(os.path.join(os.path.dirname(source), f"{module}.py"), os.path.join(save_directory, f"{module}.py"))
+            helper = f"{module}.py"
+            shutil.copyfile(os.path.join(os.path.dirname(source), helper), os.path.join(save_directory, helper))
         os.makedirs(os.path.join(save_directory, "unet"), exist_ok=True)
-        shutil.copyfile(inspect.getsourcefile(type(self.unet)), os.path.join(save_directory, "unet", f"{UNET_MODULE}.py"))
+        unet_file = os.path.join(save_directory, "unet", f"{UNET_MODULE}.py")
+        shutil.copyfile(inspect.getsourcefile(type(self.unet)), unet_file)
 
-    def push_to_hub(self, repo_id: str, model_card=None, eval_results=None, private: bool | None = None,
-                    token: str | None = None, commit_message: str = "Upload DiffewS pipeline", create_pr: bool = False):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        model_card=None,
+        eval_results=None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload DiffewS pipeline",
+        create_pr: bool = False,
+    ):
         """Uploads the saved pipeline (weights, configs, code) and its model card to `repo_id`.
 
         model_card: a `huggingface_hub.ModelCard` or Markdown text. With the installed package, None builds the card
@@ -296,7 +307,9 @@ class DiffewSPipeline(DiffusionPipeline):
                 raise ValueError("Pass either `support` (cached) or `support_images` and `support_masks`, not both.")
             supports = list(support) if isinstance(support, (list, tuple)) else [support]
             if len(supports) not in (1, len(queries)):
-                raise ValueError(f"`support` must be one DiffewSSupport or one per query ({len(queries)}), got {len(supports)}.")
+                raise ValueError(
+                    f"`support` must be one DiffewSSupport or one per query ({len(queries)}), got {len(supports)}."
+                )
             for s in supports:
                 self._check_support(s, processing_resolution, "support")
             multi = [s.is_multiclass for s in supports]
@@ -315,7 +328,9 @@ class DiffewSPipeline(DiffusionPipeline):
             )
         per_query = is_nested(support_images)
         if per_query != is_nested(support_masks):
-            raise ValueError("`support_images` and `support_masks` must be nested the same way (a list, or a list per query).")
+            raise ValueError(
+                "`support_images` and `support_masks` must be nested the same way (a list, or a list per query)."
+            )
         image_sets = support_images if per_query else [support_images]
         mask_sets = support_masks if per_query else [support_masks]
         if per_query and len(image_sets) != len(queries):
@@ -328,7 +343,8 @@ class DiffewSPipeline(DiffusionPipeline):
         supports = [read_support_set(imgs, msks, multiclass) for imgs, msks in zip(image_sets, mask_sets)]
         if len(supports) != 1 and any(s.is_multiclass for s in supports):
             raise ValueError(
-                "Label maps and dicts in `support_masks` need one support set shared by all queries, not one per query."
+                "Label maps and dicts in `support_masks` need one support set shared by all queries, not one per "
+                "query."
             )
         return queries, supports
 
@@ -341,16 +357,17 @@ class DiffewSPipeline(DiffusionPipeline):
 
     def _check_resolution(self, processing_resolution: int) -> None:
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if not isinstance(processing_resolution, int) or processing_resolution <= 0 or processing_resolution % multiple:
-            raise ValueError(
-                f"`processing_resolution` must be a positive multiple of {multiple}, got {processing_resolution!r}."
-            )
+        resolution = processing_resolution
+        if not isinstance(resolution, int) or resolution <= 0 or resolution % multiple:
+            raise ValueError(f"`processing_resolution` must be a positive multiple of {multiple}, got {resolution!r}.")
 
     @staticmethod
     def _check_support(support, processing_resolution: int | None, name: str) -> None:
         """A cached support (`support` or `extend`) made by `encode_support` at `processing_resolution` (None: any)."""
         if not all(hasattr(support, field) for field in ("key_values", "processing_resolution", "class_key_values")):
-            raise TypeError(f"`{name}` must be a DiffewSSupport made by `encode_support`, got {type(support).__name__}.")
+            raise TypeError(
+                f"`{name}` must be a DiffewSSupport made by `encode_support`, got {type(support).__name__}."
+            )
         if processing_resolution is not None and support.processing_resolution != processing_resolution:
             raise ValueError(
                 f"`{name}` was encoded at processing_resolution={support.processing_resolution}, "
@@ -372,6 +389,10 @@ class DiffewSPipeline(DiffusionPipeline):
         """A list of [3, R, R] in [-1, 1] -> latents [K, 4, R/8, R/8], in VAE batches of up to `VAE_ENCODE_BATCH`."""
         return torch.cat([self._encode_latents(chunk) for chunk in torch.stack(pixels).split(VAE_ENCODE_BATCH)])
 
+    def _encode_images(self, images: list[PIL.Image.Image], resolution: int) -> torch.Tensor:
+        """RGB PIL images -> latents [K, 4, R/8, R/8] at resolution R."""
+        return self._encode_pixels([self.image_processor.image_to_tensor(image, resolution) for image in images])
+
     def _encode_support_sets(self, sets: list[SupportSet], resolution: int, batch_size: int, queries=()):
         """Support passes of every class of `sets`; returns one `DiffewSSupport` per set and the latents [Q, 4, h, w]
         of `queries` (None without queries).
@@ -380,13 +401,15 @@ class DiffewSPipeline(DiffusionPipeline):
         to `VAE_ENCODE_BATCH` images; the (set, class) episodes run in support passes of up to `batch_size` episodes
         of the same shot count.
         """
+        processor = self.image_processor
         used = [sorted({i for shots in s.shots for i in shots}) for s in sets]  # the shots showing some class
-        images = [self.image_processor.image_to_tensor(s.images[i], resolution) for s, shots in zip(sets, used) for i in shots]
-        masks = [self.image_processor.mask_to_tensor(m, resolution) for s in sets for per_class in s.masks for m in per_class]
-        latents = self._encode_pixels(images + masks + [self.image_processor.image_to_tensor(q, resolution) for q in queries])
+        images = [processor.image_to_tensor(s.images[i], resolution) for s, shots in zip(sets, used) for i in shots]
+        masks = [processor.mask_to_tensor(m, resolution) for s in sets for per_class in s.masks for m in per_class]
+        latents = self._encode_pixels(images + masks + [processor.image_to_tensor(q, resolution) for q in queries])
         image_latents = iter(latents[: len(images)])
         image_latents = [dict(zip(shots, image_latents)) for shots in used]  # per set: shot index -> [4, h, w]
-        mask_latents = iter(latents[len(images) : len(images) + len(masks)].split([len(c) for s in sets for c in s.shots]))
+        masks_per_class = [len(shots) for s in sets for shots in s.shots]
+        mask_latents = iter(latents[len(images) : len(images) + len(masks)].split(masks_per_class))
         episodes = [  # per (set, class): [n, 8, h, w], image latent then mask latent of each shot showing the class
             (k, c, torch.cat([torch.stack([image_latents[k][i] for i in shots]), next(mask_latents)], dim=1))
             for k, s in enumerate(sets) for c, shots in enumerate(s.shots)
@@ -461,7 +484,7 @@ class DiffewSPipeline(DiffusionPipeline):
         encoded here). key_values: the episodes' support cache, with B episodes or 1 shared by all.
         """
         if latents is None:
-            latents = self._encode_pixels([self.image_processor.image_to_tensor(q, resolution) for q in queries])
+            latents = self._encode_images(queries, resolution)
         latents = latents.to(self.unet.dtype)
         output = self.unet(latents, self.config.timestep, support_key_values=key_values).sample
         clean_latents = -output  # v-prediction with alpha_bar = 0: x0 = -v
@@ -523,8 +546,8 @@ class DiffewSPipeline(DiffusionPipeline):
         # 1. Check inputs: the queries, and their supports (one shared by all queries, or one per query), each cached
         #    (`DiffewSSupport`) or read from images and masks (`SupportSet`, encoded in step 4)
         queries, supports = self.check_inputs(
-            image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type, batch_size,
-            threshold_precision, multiclass,
+            image, support_images, support_masks, support, resolution, threshold_mode, threshold, output_type,
+            batch_size, threshold_precision, multiclass,
         )
         self._prepare_for_device()
 
@@ -535,7 +558,7 @@ class DiffewSPipeline(DiffusionPipeline):
 
         # 3. Episodes: every (query, class) pair. Queries go in chunks of up to `batch_size` with supports of the same
         #    shot count; each chunk's queries are VAE-encoded once, for all their classes.
-        chunks = _groups(list(range(len(queries))), [supports[owner[i]].num_shots for i in range(len(queries))], batch_size)
+        chunks = _groups(list(range(len(queries))), [supports[k].num_shots for k in owner], batch_size)
         sizes = [(q.height, q.width) if match_input_resolution else (resolution, resolution) for q in queries]
         maps = [[None] * len(class_ids) for _ in queries]  # maps[i][c]: (probability, mask) of class c at sizes[i]
         for chunk in self.progress_bar(chunks):
@@ -549,7 +572,7 @@ class DiffewSPipeline(DiffusionPipeline):
                 for k, encoded_support in zip(pending, encoded):
                     supports[k] = encoded_support
             else:
-                query_latents = self._encode_pixels([self.image_processor.image_to_tensor(queries[i], resolution) for i in chunk])
+                query_latents = self._encode_images([queries[i] for i in chunk], resolution)
 
             # 5. Query passes: UNet batches of up to `batch_size` episodes of the same shot count
             episodes = [(i, c) for i in chunk for c in range(len(class_ids))]
@@ -577,7 +600,9 @@ class DiffewSPipeline(DiffusionPipeline):
             outputs["masks"].append(mask)
             outputs["probabilities"].append(prob)
             if classes is not None:
-                label_map, probability = self.image_processor.export_classes(label_map, probability, output_type, classes.palette)
+                label_map, probability = self.image_processor.export_classes(
+                    label_map, probability, output_type, classes.palette
+                )
                 outputs["label_maps"].append(label_map)
                 outputs["class_probabilities"].append(probability)
         self.maybe_free_model_hooks()
@@ -599,10 +624,10 @@ class DiffewSPipeline(DiffusionPipeline):
         scored = self.image_processor.quantize_prediction(prediction, threshold_precision)  # [B, 3, R, R]
         level = self.image_processor.threshold_value(scored, threshold, threshold_mode)  # [B, 1, 1]
         score, probability = scored.mean(dim=1), prediction.mean(dim=1)  # [B, R, R] each
-        maps = []
+        resize, maps = self.image_processor.resize_probability, []
         for j, size in enumerate(sizes):
-            resized = self.image_processor.resize_probability(probability[j], size)
-            resized_score = resized if scored is prediction else self.image_processor.resize_probability(score[j], size)
+            resized = resize(probability[j], size)
+            resized_score = resized if scored is prediction else resize(score[j], size)
             maps.append((resized, resized_score > level[j]))
         return maps
 
@@ -621,11 +646,12 @@ def _extended(old: DiffewSSupport, new: DiffewSSupport) -> DiffewSSupport:
     if not old.is_multiclass:
         key_values = type(old.key_values).cat_shots([old.key_values, new.key_values])
         return DiffewSSupport(key_values, old.num_shots + new.num_shots, old.processing_resolution)
-    if (old.class_names is None) != (new.class_names is None):
-        named = "dicts {name: mask}" if old.class_names is not None else "label maps"
-        raise ValueError(f"`extend` holds classes read from {named}: give the new shots' masks in the same form.")
+    named = old.class_names is not None  # classes of dicts: keyed by name, ids 1..K in first-seen order
+    if named != (new.class_names is not None):
+        form = "dicts {name: mask}" if named else "label maps"
+        raise ValueError(f"`extend` holds classes read from {form}: give the new shots' masks in the same form.")
     old_keys, new_keys = old.class_names or old.class_ids, new.class_names or new.class_ids
-    keys = list(dict.fromkeys(old_keys + new_keys)) if old.class_names is not None else sorted(set(old_keys) | set(new_keys))
+    keys = list(dict.fromkeys(old_keys + new_keys)) if named else sorted(set(old_keys) | set(new_keys))
     caches = []
     for key in keys:
         parts = [s.class_key_values[k.index(key)] for s, k in ((old, old_keys), (new, new_keys)) if key in k]
@@ -634,8 +660,8 @@ def _extended(old: DiffewSSupport, new: DiffewSSupport) -> DiffewSSupport:
         key_values=None,
         num_shots=old.num_shots + new.num_shots,
         processing_resolution=old.processing_resolution,
-        class_ids=list(range(1, len(keys) + 1)) if old.class_names is not None else keys,
-        class_names=keys if old.class_names is not None else None,
+        class_ids=list(range(1, len(keys) + 1)) if named else keys,
+        class_names=keys if named else None,
         class_key_values=caches,
         palette=old.palette or new.palette,
     )
