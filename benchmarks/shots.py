@@ -53,6 +53,12 @@ def repeated_support(support: DiffewSSupport, shots: int) -> DiffewSSupport:
                           processing_resolution=support.processing_resolution)
 
 
+def cache_mib(support: DiffewSSupport) -> float:
+    """MiB held by a cached support's keys and values."""
+    tensors = [t for pair in support.key_values.layers.values() for t in pair]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def cpu_precision() -> dict:
     """What torch reports about this CPU's reduced-precision support."""
     info = dict(cpu_capability=torch.backends.cpu.get_cpu_capability(),
@@ -77,6 +83,7 @@ def run_dtype(name: str, args) -> dict:
     pipe(query, support=one_shot)  # warm-up (and, for bfloat16, the one-time conversion before it)
     result["warmup_s"] = time.perf_counter() - start
     result["weights_dtype"] = str(pipe.unet.dtype).split(".")[-1]
+    result["cache_mib_per_shot"] = cache_mib(one_shot)
     print(f"{name}: weights {result['weights_dtype']}, warm-up {result['warmup_s']:.1f} s", flush=True)
 
     support_time = time_calls(lambda: pipe.encode_support(data["support_images"], data["support_masks"]),
