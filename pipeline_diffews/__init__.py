@@ -26,7 +26,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """`load_pipeline`, `resolve_model` and `ModelNotFoundError` (the official names) come from `official`, imported on first use so that
+    """`load_pipeline`, `resolve_model` and `ModelNotFoundError` come from `official`, imported on first use so that
     `python -m pipeline_diffews.<module>` does not import its module twice."""
     if name in ("load_pipeline", "resolve_model", "ModelNotFoundError"):
         from . import official

@@ -119,7 +119,9 @@ class DiffewSImageProcessor:
         if array.dtype == np.bool_:
             return array
         if array.min() < 0 or array.max() > 255:
-            raise ValueError(f"`{name}` must hold bool, 0/1 or 0/255 values, got values in [{array.min()}, {array.max()}].")
+            raise ValueError(
+                f"`{name}` must hold bool, 0/1 or 0/255 values, got values in [{array.min()}, {array.max()}]."
+            )
         return array > 0.5 if array.max() <= 1 else array >= 128
 
     @staticmethod
@@ -133,7 +135,9 @@ class DiffewSImageProcessor:
                 return False
             values = np.unique(np.asarray(mask))
         elif isinstance(mask, torch.Tensor):
-            if mask.dtype == torch.bool or mask.dtype.is_floating_point or mask.dtype.is_complex or mask.squeeze().ndim != 2:
+            if mask.dtype == torch.bool or mask.dtype.is_floating_point or mask.dtype.is_complex:
+                return False
+            if mask.squeeze().ndim != 2:
                 return False
             values = torch.unique(mask.detach().cpu()).numpy()
         elif isinstance(mask, np.ndarray):
@@ -158,8 +162,8 @@ class DiffewSImageProcessor:
             mask = PIL.ImageOps.exif_transpose(mask)
             if mask.mode not in ("P", "L", "I", "I;16", "1"):
                 raise ValueError(
-                    f"`{name}` is a {mask.mode!r} image: a label map must be a palette (\"P\") or single-channel image "
-                    "whose values are class ids."
+                    f"`{name}` is a {mask.mode!r} image: a label map must be a palette (\"P\") or single-channel "
+                    "image whose values are class ids."
                 )
             mask = np.asarray(mask)
         array = DiffewSImageProcessor._single_channel(mask, name, "a label map")
@@ -266,7 +270,8 @@ class DiffewSImageProcessor:
         """[R, R] -> [H, W] (bilinear). size is (H, W)."""
         if tuple(probability.shape) == tuple(size):
             return probability
-        return F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+        resized = F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)
+        return resized[0, 0].clamp(0, 1)
 
     @staticmethod
     def export(mask: torch.Tensor, probability: torch.Tensor, output_type: str):
@@ -292,7 +297,8 @@ class DiffewSImageProcessor:
     def export_classes(label_map: torch.Tensor, class_probabilities: torch.Tensor, output_type: str,
                        palette: list[int] | None):
         """label_map int64 [H, W], class_probabilities float [K, H, W] on CPU -> the requested output type: uint8
-        and float32 arrays for "np", the tensors for "pt", a "P" image (with `palette`) and a float32 array for "pil"."""
+        and float32 arrays for "np", the tensors for "pt", a "P" image (with `palette`) and a float32 array for
+        "pil"."""
         if output_type == "pt":
             return label_map, class_probabilities
         if output_type == "np":
@@ -349,13 +355,14 @@ class DiffewSImageProcessor:
 
     @staticmethod
     def _read_classes(images: list[PIL.Image.Image], masks: list) -> SupportSet:
-        """Label maps (or dicts `{name: binary mask}`), one per image -> the classes, each with the shots showing it."""
+        """Label maps (or dicts `{name: binary mask}`), one per image -> the classes, each with the shots showing
+        it."""
         processor = DiffewSImageProcessor
         dicts = [isinstance(mask, dict) for mask in masks]
         if any(dicts) and not all(dicts):
             raise TypeError(
-                "`support_masks` mixes dicts and other masks: pass a dict {name: binary mask} for every support image, "
-                "or a label map for every one."
+                "`support_masks` mixes dicts and other masks: pass a dict {name: binary mask} for every support "
+                "image, or a label map for every one."
             )
         per_shot = []  # per_shot[i]: {class key: bool mask [H, W]}
         for i, (image, mask) in enumerate(zip(images, masks)):
@@ -377,9 +384,13 @@ class DiffewSImageProcessor:
         if all(dicts):
             empty = [key for classes in per_shot for key in classes if key not in shown]
             if empty:
-                raise ValueError(f"`support_masks`: class {empty[0]!r} is empty in every support image; mark it or leave it out.")
+                raise ValueError(
+                    f"`support_masks`: class {empty[0]!r} is empty in every support image; mark it or leave it out."
+                )
             if len(shown) > IGNORE_INDEX - 1:
-                raise ValueError(f"`support_masks` name {len(shown)} classes; at most {IGNORE_INDEX - 1} fit a label map.")
+                raise ValueError(
+                    f"`support_masks` name {len(shown)} classes; at most {IGNORE_INDEX - 1} fit a label map."
+                )
             keys, class_ids, class_names = list(shown), list(range(1, len(shown) + 1)), list(shown)
         else:
             keys = class_ids = sorted(shown)
