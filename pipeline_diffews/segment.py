@@ -26,11 +26,11 @@ import PIL.Image
 import torch
 
 from .coco import COCO_FILE, check_available, coco_dataset
-from .image_processor_diffews import load_mask
+from .image_processor_diffews import DiffewSImageProcessor, load_mask
 from .inputs import InputError, VideoFrameReader, discover, find_support_pairs, iter_video_frames, read_image
 from .official import ModelNotFoundError, load_pipeline, official_names, resolve_model
 from .outputs import OutputConflictError, VideoJob, WorkItem, make_plan
-from .writers import label_map_to_image, mask_to_image, overlay, overlay_classes, save_json, save_png, write_video
+from .writers import mask_to_image, overlay, overlay_classes, save_json, save_png, write_video
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CLASSES_FILE = "classes.json"
@@ -277,7 +277,9 @@ class Rendering:
         return output.masks if self.palette is None else output.label_maps
 
     def mask_image(self, result: np.ndarray) -> PIL.Image.Image:
-        return mask_to_image(result) if self.palette is None else label_map_to_image(result, self.palette)
+        if self.palette is None:
+            return mask_to_image(result)
+        return DiffewSImageProcessor.label_map_to_image(result, self.palette)
 
     def overlay_image(self, image: PIL.Image.Image, result: np.ndarray) -> PIL.Image.Image:
         return overlay(image, result) if self.palette is None else overlay_classes(image, result, self.palette)

@@ -1,4 +1,5 @@
-"""Writing masks, overlays and videos atomically: to a temporary file beside the target, then `os.replace`.
+"""Overlays (`overlay`, `overlay_classes`: the one way the command line and the demo draw results on images), and
+writing masks, overlays and videos atomically: to a temporary file beside the target, then `os.replace`.
 
 A run that is interrupted leaves either a complete output or none (at worst a hidden `.<name>.<pid>.tmp<ext>` file),
 so `--resume` can trust every output that exists.
@@ -43,12 +44,6 @@ def atomic_path(path: str | Path):
 def mask_to_image(mask: np.ndarray) -> PIL.Image.Image:
     """bool [H, W] -> 8-bit grayscale image, 255 = object, 0 = background."""
     return PIL.Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
-
-
-def label_map_to_image(label_map: np.ndarray, palette: list[int] | None) -> PIL.Image.Image:
-    """Class ids uint8 [H, W] -> palette ("P") image; palette: 768 ints (RGB of ids 0..255), None for the default
-    palette (`DiffewSImageProcessor.default_palette`)."""
-    return DiffewSImageProcessor.label_map_to_image(label_map, palette)
 
 
 def overlay(image: PIL.Image.Image, mask: np.ndarray, color: tuple[int, int, int] = OVERLAY_COLOR,
