@@ -297,7 +297,7 @@ def add_example(session, correction, threshold_mode, threshold):
     support, seconds = _on_device(demo_utils.extend_support, examples.support, image, mask, examples.multiclass)
     examples.images.append(image)
     examples.masks.append(mask)
-    examples.names.append(demo_utils.unique_stems([*examples.names, session.names[index]])[-1])
+    examples.names.append(f"example_{examples.num_shots}")
     examples.support, examples.last_added_seconds = support, seconds
     others = [i for i in range(len(session.queries)) if i != index]
     result = session.result

@@ -65,7 +65,7 @@ def test_a_corrected_result_joins_the_example_set_and_the_others_are_segmented_a
     assert len(encodes) == 2
     assert "Added a.png as example 2" in status and "the other 1 image again" in status
     assert "**2** examples" in set_line and "2 shots cached" in set_line and "Adding the last one took" in set_line
-    assert session.examples.support.num_shots == 2 and session.examples.names == ["example_1", "a"]
+    assert session.examples.support.num_shots == 2 and session.examples.names == ["example_1", "example_2"]
     # The corrected image keeps its corrected mask; the other image is what both examples give.
     np.testing.assert_array_equal(expected[:30, :40], True)
     np.testing.assert_array_equal(expected[60:, 80:], False)
@@ -130,6 +130,8 @@ def _check_zip(path, session, folder, binary: bool) -> dict[int, str]:
     Returns the COCO categories {id: name}."""
     from pycocotools.coco import COCO
 
+    from pipeline_diffews.inputs import find_support_pairs
+
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
         archive.extractall(folder)
@@ -155,5 +157,9 @@ def _check_zip(path, session, folder, binary: bool) -> dict[int, str]:
     for name, mask in zip(session.examples.names, session.examples.masks):
         written = np.asarray(PIL.Image.open(folder / "examples" / f"{name}_mask.png"))
         np.testing.assert_array_equal(written > 0 if binary else written, mask)
+    pairs = find_support_pairs(folder / "examples")  # what `diffews segment --support-dir` reads, in the set's order
+    assert [(image.name, mask.name) for image, mask in pairs] == [
+        (f"{n}.png", f"{n}_mask.png") for n in session.examples.names
+    ]
     data = json.loads((folder / "annotations.json").read_text())
     return {c["id"]: c["name"] for c in data["categories"]}
