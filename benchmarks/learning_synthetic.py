@@ -63,8 +63,7 @@ from benchmarks.tiny_diffews import (
     scores_of,
 )
 from benchmarks.tiny_vae import CamVidPixels, reconstruction_quality, train_tiny_vae
-from pipeline_diffews import DiffewSPipeline
-from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
+from pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline
 from train.data import EvaluationEpisodes, build_source
 
 EXAMPLES_DIR = REPO_ROOT / "examples"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from benchmarks.common import Stopwatch
-from pipeline_diffews.pipeline_diffews import DiffewSImageProcessor
+from pipeline_diffews import DiffewSImageProcessor
 from train.data import build_source
 
 TINY_VAE_CONFIG = dict(
