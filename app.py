@@ -205,8 +205,13 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
     multiclass = len(ids) > 1
     masks = labels if multiclass else [(m > 0) & (m < demo_utils.IGNORE) for m in labels]
     key = demo_utils.support_key(images, masks, _PIPE.config.processing_resolution)
-    examples = session.examples
+    examples, note = session.examples, ""
     if examples is None or examples.key != key:  # new examples: a new set (the corrections added to the old one go)
+        if examples is not None and examples.num_shots > examples.num_given:
+            dropped = examples.num_shots - examples.num_given
+            note = (f" The examples above changed, so a new example set starts from them: the {dropped} example"
+                    f"{'s' if dropped != 1 else ''} added from corrected results {'were' if dropped != 1 else 'was'} "
+                    "left out (they are in the last download).")
         demo_utils.check_support_set(images, masks, MAX_SHOTS)
         examples = demo_utils.ExampleSet(
             images=images, masks=masks, names=[f"example_{i}" for i in range(1, len(images) + 1)],
@@ -214,6 +219,7 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
         )
     result, status = _segment(examples.images, examples.masks, queries, threshold_mode, threshold, examples.support,
                               multiclass)
+    status += note
     examples.support = result.support
     session.examples, session.result, session.editing = examples, result, None
     session.queries, session.names, session.paths = queries, names, paths

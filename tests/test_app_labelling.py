@@ -82,6 +82,13 @@ def test_a_corrected_result_joins_the_example_set_and_the_others_are_segmented_a
                                             inputs[app.MAX_SHOTS : 2 * app.MAX_SHOTS], *inputs[2 * app.MAX_SHOTS :], "")
     assert "Examples: 2" in status and "reused from the cache" in status and len(encodes) == 2
 
+    # Other examples in the editors: a new set, and the page says the added example was left out.
+    painted = editor_value(files["support"], (slice(10, 40), slice(20, 60)))
+    inputs = page_inputs([painted], [], [files["query_b"]])
+    session, *_, status = app._page_segment(session, None, inputs[: app.MAX_SHOTS],
+                                            inputs[app.MAX_SHOTS : 2 * app.MAX_SHOTS], *inputs[2 * app.MAX_SHOTS :], "")
+    assert "Examples: 1" in status and "the 1 example added from corrected results was left out" in status
+
 
 def test_the_example_set_has_a_limit_and_a_correction_needs_a_result(url, files, monkeypatch):
     monkeypatch.setattr(app, "MAX_SHOTS", 1)
