@@ -211,7 +211,7 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
             dropped = examples.num_shots - examples.num_given
             note = (f" The examples above changed, so a new example set starts from them: the {dropped} example"
                     f"{'s' if dropped != 1 else ''} added from corrected results {'were' if dropped != 1 else 'was'} "
-                    "left out (they are in the last download).")
+                    "left out.")
         demo_utils.check_support_set(images, masks, MAX_SHOTS)
         examples = demo_utils.ExampleSet(
             images=images, masks=masks, names=[f"example_{i}" for i in range(1, len(images) + 1)],
