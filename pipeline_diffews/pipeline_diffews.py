@@ -22,7 +22,7 @@ from typing import Any
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 
 from .device_speedups import prepare_for_device
 from .image_processor_diffews import (  # noqa: F401 - DiffewSImageProcessor and load_mask: re-exported
@@ -492,6 +492,7 @@ class DiffewSPipeline(DiffusionPipeline):
         return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image: ImageInput | list[ImageInput],
@@ -509,6 +510,8 @@ class DiffewSPipeline(DiffusionPipeline):
         return_dict: bool = True,
     ) -> DiffewSPipelineOutput | tuple:
         """Segments in each query image the kind of object marked in the supports.
+
+        Examples:
 
         Args:
             image: a query image or a list of them (PIL, np.ndarray, torch.Tensor; see `DiffewSImageProcessor`).
