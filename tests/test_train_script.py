@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline_diffews import DiffewSPipeline
-from tests.fixtures_data import CAMVID, needs_camvid
+from tests.fixtures_data import needs_camvid
 from tests.training_runs import TRAIN_RESOLUTION, max_difference, run_train, train_argv, unet_weights
 from tests.training_runs import index_cache, single_thread  # noqa: F401  (autouse fixtures)
 from train.checkpointing import CheckpointUploader, list_checkpoints, resolve_resume, rotate_checkpoints
