@@ -1,6 +1,6 @@
 """Pixels and masks for DiffewS: user images and supports in, model tensors out, predictions back to each query.
 
-Standalone (torch, numpy, PIL, diffusers): a saved pipeline carries it beside `pipeline_diffews.py`, which imports it
+Standalone (torch, numpy and PIL only): a saved pipeline carries it beside `pipeline_diffews.py`, which imports it
 relatively, so the Hub serves it with the pipeline's code.
 """
 
