@@ -5,6 +5,7 @@ functions and under TYPE_CHECKING), has no cycle. The package imports nothing fr
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,14 @@ def test_the_package_imports_nothing_from_training_benchmarks_or_the_demo():
     outside = {n: sorted(t for t in ts if not t.startswith("pipeline_diffews"))
                for n, ts in import_graph().items() if n.startswith("pipeline_diffews")}
     assert not {n: ts for n, ts in outside.items() if ts}
+
+
+def test_benchmarks_import_no_other_benchmark_script_and_leave_the_path_alone():
+    """Each benchmark script imports the shared helpers, the package and train/, never another script (a module that
+    runs as `python -m benchmarks.<name>`), and none patches `sys.path`."""
+    known, graph = modules(), import_graph()
+    benchmarks = {n: p.read_text(encoding="utf-8") for n, p in known.items() if n.split(".")[0] == "benchmarks"}
+    scripts = {n for n, text in benchmarks.items() if re.search(r"^if __name__ == .__main__.:", text, re.M)}
+    assert len(scripts) > 1
+    assert not {n: sorted(graph[n] & scripts) for n in benchmarks if graph[n] & scripts}
+    assert not [n for n, text in benchmarks.items() if re.search(r"\bsys\.path\.(insert|append|extend)\b", text)]
