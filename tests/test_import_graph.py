@@ -1,6 +1,7 @@
 """No module imports a module that imports it, directly or around a circle: the import graph of the package, the
 training and benchmark folders and the demo, read from the sources (every import statement, also those inside
-functions and under TYPE_CHECKING), has no cycle. The package imports nothing from train/, benchmarks/ or the demo."""
+functions and under TYPE_CHECKING), has no cycle. The package imports nothing from train/, benchmarks/ or the demo;
+benchmark scripts import the shared helpers, never one another."""
 
 from __future__ import annotations
 
