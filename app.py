@@ -42,7 +42,8 @@ except ImportError:
 
 DEFAULT_MODEL_ID = "incontext"  # an official name: pipeline_diffews.resolve_model
 MODEL_ENV = "DIFFEWS_MODEL"
-MAX_SHOTS = 5  # examples (supports) per set: the example tabs, and the most a set may grow to
+EXAMPLE_TABS = 5  # example editors on the page
+MAX_SHOTS = 10  # the most examples (supports) a set may hold: the editors' plus those added from corrected results
 MAX_QUERIES = 16  # images to segment per request
 GPU_DURATION_S = 60
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -186,7 +187,7 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
     """The Segment button: the editors' examples (the session's example set when they are unchanged, with the
     results added to it) segment the gallery's images. Returns (session, overlays, heatmaps, mask files, status)."""
     session = session or demo_utils.Session()
-    editor_ids = editor_ids or [None] * MAX_SHOTS
+    editor_ids = editor_ids or [None] * EXAMPLE_TABS
     supports, used_files = [], []
     for number, (value, mask_file, ids) in enumerate(zip(editors, mask_files, editor_ids), 1):
         ids = (ids or {}).get("ids")
@@ -234,14 +235,14 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
 
 @_user_errors
 def segment_page(*args):
-    """The page's Segment button without a session: editors and mask files (MAX_SHOTS each), query gallery,
+    """The page's Segment button without a session: editors and mask files (EXAMPLE_TABS each), query gallery,
     threshold mode, threshold, and optionally the class names text. Returns (overlays, heatmaps, mask files, status).
 
     One class painted (one brush colour, or a one-class mask file): masks. Several brush colours (or a label-map file
     with several ids): one class per colour, label maps, and the legend in the status.
     """
-    editors, mask_files = args[:MAX_SHOTS], args[MAX_SHOTS : 2 * MAX_SHOTS]
-    query_items, threshold_mode, threshold, *rest = args[2 * MAX_SHOTS :]
+    editors, mask_files = args[:EXAMPLE_TABS], args[EXAMPLE_TABS : 2 * EXAMPLE_TABS]
+    query_items, threshold_mode, threshold, *rest = args[2 * EXAMPLE_TABS :]
     return _page_segment(None, None, editors, mask_files, query_items, threshold_mode, threshold,
                          rest[0] if rest else None)[1:]
 
@@ -256,8 +257,8 @@ def _download(session: demo_utils.Session) -> dict:
 def run_segment(session, editor_ids, *args):
     """The page's Segment button: `segment_page`'s inputs after the session and the editors' class ids; also gives
     the session, the example set's line and the download."""
-    editors, mask_files = args[:MAX_SHOTS], args[MAX_SHOTS : 2 * MAX_SHOTS]
-    query_items, threshold_mode, threshold, class_names = args[2 * MAX_SHOTS :]
+    editors, mask_files = args[:EXAMPLE_TABS], args[EXAMPLE_TABS : 2 * EXAMPLE_TABS]
+    query_items, threshold_mode, threshold, class_names = args[2 * EXAMPLE_TABS :]
     session, overlays, heatmaps, files, status = _page_segment(
         session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names
     )
@@ -355,7 +356,7 @@ def load_mask_file(editor_value, path, editor_ids, number: int):
     if labels is None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     ids = demo_utils.class_ids(labels)
-    editor_ids = list(editor_ids or [None] * MAX_SHOTS)
+    editor_ids = list(editor_ids or [None] * EXAMPLE_TABS)
     editor_ids[number - 1] = {"ids": ids, "palette": demo_utils.file_palette(path)}
     return demo_utils.editor_value(demo_utils.editor_image(editor_value), labels, ids), None, None, editor_ids
 
@@ -364,7 +365,7 @@ def _examples() -> list[dict]:
     """The example sets of examples/: per folder its name, example images with painted layers, images to segment."""
     sets = []
     for folder in sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()) if EXAMPLES_DIR.is_dir() else []:
-        supports = sorted(folder.glob("support_[0-9].png"))[:MAX_SHOTS]
+        supports = sorted(folder.glob("support_[0-9].png"))[:EXAMPLE_TABS]
         queries = [str(p) for p in sorted(folder.glob("query_*.png"))]
         if supports and queries:
             sets.append({"name": folder.name, "supports": supports, "queries": queries})
@@ -378,7 +379,7 @@ def _example_values(example: dict) -> list:
         image = demo_utils.open_image(support, support.name)
         mask = demo_utils.read_mask(support.with_name(f"{support.stem}_mask.png"), image.size, f"{support.stem} mask")
         values.append(demo_utils.editor_value(image, mask))
-    return values + [None] * (MAX_SHOTS - len(values))
+    return values + [None] * (EXAMPLE_TABS - len(values))
 
 
 def _show(pending):
@@ -413,7 +414,7 @@ def segment(cache, support_images, support_masks, queries, threshold_mode, thres
     """Segments each query image: finds the object marked in the support images' masks.
 
     Args:
-        support_images: 1 to 5 example image files.
+        support_images: 1 to MAX_SHOTS (10) example image files.
         support_masks: one mask file per example image, same size (white object on black, or alpha > 0).
         queries: 1 to 16 image files to segment.
         threshold_mode: "relative" (probability > threshold x the image's maximum) or "absolute".
@@ -437,7 +438,7 @@ def segment_classes(cache, support_images, support_masks, queries, class_names, 
     """Segments every class of the support label maps in each query image, in one call.
 
     Args:
-        support_images: 1 to 5 example image files.
+        support_images: 1 to MAX_SHOTS (10) example image files.
         support_masks: one label map per example image, same size: a palette PNG or a grey PNG of class ids
             (0 = background, 1..254 = classes, 255 = ignored); a class may be missing from some examples. A plain
             mask (white on black, or alpha > 0) is class 1.
@@ -515,7 +516,7 @@ def build_demo(pipe) -> gr.Blocks:
             with gr.Column(scale=3):
                 editors, mask_files = [], []
                 with gr.Tabs():
-                    for i in range(1, MAX_SHOTS + 1):
+                    for i in range(1, EXAMPLE_TABS + 1):
                         with gr.Tab(f"Example {i}"):
                             editor = image_editor(f"Example {i}: paint the object (one brush colour per class)",
                                                   f"support-{i}")
@@ -580,7 +581,7 @@ def build_demo(pipe) -> gr.Blocks:
         if sets:
             def load_example(index):
                 example = sets[index]
-                return ([*_example_values(example)], *[None] * (2 * MAX_SHOTS), example["queries"], defaults["mode"],
+                return ([*_example_values(example)], *[None] * (2 * EXAMPLE_TABS), example["queries"], defaults["mode"],
                         defaults["threshold"], "", None)
 
             dataset.click(
@@ -615,7 +616,7 @@ def build_demo(pipe) -> gr.Blocks:
 
 def _forget_ids(editor_ids, number: int):
     """An editor got a new image or was cleared: its strokes' colours are classes 1, 2, ... again."""
-    editor_ids = list(editor_ids or [None] * MAX_SHOTS)
+    editor_ids = list(editor_ids or [None] * EXAMPLE_TABS)
     editor_ids[number - 1] = None
     return editor_ids
 

@@ -168,8 +168,8 @@ def editor_value(image_path: str, stroke: tuple[slice, slice] | None) -> dict:
 
 
 def page_inputs(editors, mask_files, queries, mode="relative", threshold=0.25):
-    editors = list(editors) + [None] * (app.MAX_SHOTS - len(editors))
-    mask_files = list(mask_files) + [None] * (app.MAX_SHOTS - len(mask_files))
+    editors = list(editors) + [None] * (app.EXAMPLE_TABS - len(editors))
+    mask_files = list(mask_files) + [None] * (app.EXAMPLE_TABS - len(mask_files))
     return [*editors, *mask_files, [(q, None) for q in queries], mode, threshold]
 
 
@@ -263,7 +263,7 @@ def test_examples_are_complete_and_their_layers_are_the_masks():
     assert [s["name"] for s in sets] == ["balloons", "fish", "oranges"]
     for example in sets:
         values = app._example_values(example)
-        assert len(values) == app.MAX_SHOTS
+        assert len(values) == app.EXAMPLE_TABS
         for value, support in zip((v for v in values if v is not None), example["supports"]):
             background, [layer] = value["background"], value["layers"]
             mask = np.asarray(PIL.Image.open(support.with_name(f"{support.stem}_mask.png")))

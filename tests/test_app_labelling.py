@@ -35,9 +35,13 @@ def segmented(files, queries=("query_a", "query_b"), mask_file=None, class_names
     """A session that segmented `queries` (keys of `files`, or paths) with one painted example (or its mask file)."""
     painted = editor_value(files["support"], (slice(10, 30), slice(20, 60)))
     inputs = page_inputs([painted], [files[mask_file]] if mask_file else [], [files.get(q, q) for q in queries])
-    session, *_ = app._page_segment(None, None, inputs[: app.MAX_SHOTS], inputs[app.MAX_SHOTS : 2 * app.MAX_SHOTS],
-                                    *inputs[2 * app.MAX_SHOTS :], class_names)
-    return session
+    return page_segment(None, inputs, class_names)[0]
+
+
+def page_segment(session, inputs: list, class_names: str = ""):
+    """The Segment button in `session` with `page_inputs`: (session, overlays, heatmaps, mask files, status)."""
+    tabs = app.EXAMPLE_TABS
+    return app._page_segment(session, None, inputs[:tabs], inputs[tabs : 2 * tabs], *inputs[2 * tabs :], class_names)
 
 
 def corrected(value: dict, add: tuple[slice, slice], erase: tuple[slice, slice], color: str) -> dict:
@@ -78,15 +82,13 @@ def test_a_corrected_result_joins_the_example_set_and_the_others_are_segmented_a
     # Segment again with the same painted example: the grown set is used as it is (no support pass).
     painted = editor_value(files["support"], (slice(10, 30), slice(20, 60)))
     inputs = page_inputs([painted], [], [files["query_b"]])
-    session, *_, status = app._page_segment(session, None, inputs[: app.MAX_SHOTS],
-                                            inputs[app.MAX_SHOTS : 2 * app.MAX_SHOTS], *inputs[2 * app.MAX_SHOTS :], "")
+    session, *_, status = page_segment(session, inputs)
     assert "Examples: 2" in status and "reused from the cache" in status and len(encodes) == 2
 
     # Other examples in the editors: a new set, and the page says the added example was left out.
     painted = editor_value(files["support"], (slice(10, 40), slice(20, 60)))
     inputs = page_inputs([painted], [], [files["query_b"]])
-    session, *_, status = app._page_segment(session, None, inputs[: app.MAX_SHOTS],
-                                            inputs[app.MAX_SHOTS : 2 * app.MAX_SHOTS], *inputs[2 * app.MAX_SHOTS :], "")
+    session, *_, status = page_segment(session, inputs)
     assert "Examples: 1" in status and "the 1 example added from corrected results was left out" in status
 
 
