@@ -13,51 +13,41 @@ import zipfile
 import numpy as np
 import PIL.Image
 
-from tests.browser import (  # noqa: F401 (fewshot_url: a fixture)
-    FEWSHOT_MODEL,
-    Editor,
-    chromium,
-    fetch_image,
-    fewshot_url,
-    iou,
-    load_example,
-    open_page,
-    painted,
-    wait_for_status,
-)
+from tests import browser as web
+from tests.browser import fewshot_url  # noqa: F401 (a fixture)
 
 
 def segment_example(page, name: str) -> None:
-    load_example(page, name)
+    web.load_example(page, name)
     page.click("#segment-button")
-    wait_for_status(page, "Segmented 2 images")
+    web.wait_for_status(page, "Segmented 2 images")
 
 
 def result_mask(page, stem: str) -> np.ndarray:
     link = page.locator(f"#mask-files a[href*='{stem}_mask.png']").first.get_attribute("href")
-    with fetch_image(page, link) as mask:
+    with web.fetch_image(page, link) as mask:
         return np.asarray(mask) > 0
 
 
 def test_correct_a_result_add_it_as_an_example_and_download(fewshot_url, tmp_path):
-    with chromium() as browser:
-        page = open_page(browser, fewshot_url)
+    with web.chromium() as browser:
+        page = web.open_page(browser, fewshot_url)
         segment_example(page, "balloons")
         assert "Example set: 1 example" in page.inner_text("#example-set")
         before = result_mask(page, "query_1")
 
         page.locator("#overlays img").first.click()  # open the first result for correction
-        wait_for_status(page, "Correcting query_1.png", "#correction-note")
+        web.wait_for_status(page, "Correcting query_1.png", "#correction-note")
         page.wait_for_timeout(1500)
-        query = np.asarray(PIL.Image.open(FEWSHOT_MODEL.parent / "balloons" / "query_1.png").convert("RGB"))
-        editor = Editor(page, "correction", (query.shape[1], query.shape[0]))
-        assert iou(painted(editor.shown(), query), before) >= 0.8  # the result's mask, over its object
+        query = np.asarray(PIL.Image.open(web.FEWSHOT_MODEL.parent / "balloons" / "query_1.png").convert("RGB"))
+        editor = web.Editor(page, "correction", (query.shape[1], query.shape[0]))
+        assert web.iou(web.painted(editor.shown(), query), before) >= 0.8  # the result's mask, over its object
         editor.dab("Brush", 40, 40)  # add a patch of sky...
         ys, xs = np.nonzero(before)
         editor.dab("Erase", int(xs.mean()), int(ys.mean()))  # ...and take a bite out of the balloon
         page.screenshot(path=str(tmp_path / "correction.png"))
         page.click("#add-example")
-        status = wait_for_status(page, "Added query_1.png as example 2")
+        status = web.wait_for_status(page, "Added query_1.png as example 2")
         assert "segmented the other 1 image again" in status
         set_line = page.inner_text("#example-set")
         assert "2 examples" in set_line and "2 shots cached" in set_line
@@ -87,19 +77,19 @@ def test_correct_a_result_add_it_as_an_example_and_download(fewshot_url, tmp_pat
 
 
 def test_two_browser_sessions_keep_their_own_example_sets(fewshot_url):
-    with chromium() as browser:
-        first, second = open_page(browser, fewshot_url), open_page(browser, fewshot_url)
+    with web.chromium() as browser:
+        first, second = web.open_page(browser, fewshot_url), web.open_page(browser, fewshot_url)
         segment_example(first, "balloons")
         first.locator("#overlays img").first.click()
-        wait_for_status(first, "Correcting query_1.png", "#correction-note")
+        web.wait_for_status(first, "Correcting query_1.png", "#correction-note")
         first.wait_for_timeout(1500)
         first.click("#add-example")
-        wait_for_status(first, "2 examples", "#example-set")
+        web.wait_for_status(first, "2 examples", "#example-set")
 
         segment_example(second, "fish")  # the other session: its own example, not the first one's two
         assert "Examples: 1 " in second.inner_text("#status")
         assert "Example set: 1 example" in second.inner_text("#example-set")
 
         first.click("#segment-button")  # the first session still holds its two examples, cached
-        status = wait_for_status(first, "reused from the cache")
+        status = web.wait_for_status(first, "reused from the cache")
         assert "Examples: 2 " in status
