@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 
 from pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSSupport, load_mask
 from pipeline_diffews.coco import COCO_FILE, coco_dataset
 from pipeline_diffews.image_processor_diffews import IGNORE_INDEX
-from pipeline_diffews.writers import _border, mask_to_image, overlay_classes
+from pipeline_diffews.writers import border, mask_to_image, overlay_classes
 
 # The brush colours of the editors: colour k - 1 paints class k. The first is the one-class colour (magenta: far from
 # the colours of skies, plants, skin and red or orange objects).
@@ -62,10 +61,8 @@ OVERLAY_RGB = hex_to_rgb(CLASS_COLORS[0])  # colour of the object of one-class r
 def open_image(path: str | Path, what: str) -> PIL.Image.Image:
     """A file -> PIL image (EXIF orientation applied, pixels loaded). Raises InputError if it is not an image."""
     try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return PIL.ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        return load_mask(path)
+    except ValueError as error:
         raise InputError(
             f"{what} ({Path(path).name}) is not an image that can be read: upload a PNG or JPEG file."
         ) from error
@@ -202,12 +199,12 @@ def paint_layer(labels: np.ndarray, ids: list[int] | None = None) -> np.ndarray:
     ids = ids or class_ids(labels)
     height, width = labels.shape
     layer = np.zeros((max(height, EDITOR_CANVAS[1]), max(width, EDITOR_CANVAS[0]), 4), np.uint8)
-    border = _border(labels, 2)
+    edge = border(labels, 2)
     for rank, class_id in enumerate(ids):
         color = hex_to_rgb(CLASS_COLORS[rank % len(CLASS_COLORS)])
         region = labels == class_id
         layer[:height, :width][region] = (*color, round(255 * BRUSH_OPACITY))
-        layer[:height, :width][region & border] = (*color, 255)
+        layer[:height, :width][region & edge] = (*color, 255)
     return layer
 
 

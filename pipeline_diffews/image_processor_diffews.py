@@ -57,7 +57,7 @@ def load_mask(path: str | os.PathLike) -> PIL.Image.Image:
         with PIL.Image.open(path) as image:
             image.load()
             return PIL.ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"Cannot read the mask file {os.fspath(path)!r}: {error}") from error
 
 

@@ -71,7 +71,7 @@ def overlay_classes(image: PIL.Image.Image, label_map: np.ndarray, palette: list
     labels = labels.astype(np.uint8)
     colors = np.asarray(list(palette or DiffewSImageProcessor.default_palette()) + [0] * 768, np.float32)[:768]
     colors = colors.reshape(256, 3)
-    border_1px, border_2px = _border(labels, 1), _border(labels, 2)
+    border_1px, border_2px = border(labels, 1), border(labels, 2)
     out = pixels.copy()
     for class_id in np.unique(labels):
         if class_id in (0, IGNORE_INDEX):
@@ -100,7 +100,7 @@ def outline_tone(color: np.ndarray) -> np.ndarray:
     return np.zeros(3, np.float32) if luma > 140 else np.full(3, 255, np.float32)
 
 
-def _border(labels: np.ndarray, width: int) -> np.ndarray:
+def border(labels: np.ndarray, width: int) -> np.ndarray:
     """bool [H, W]: pixels with a pixel of another label within `width` pixels (a (2 width + 1) square); the image's
     edge is no border."""
     image = PIL.Image.fromarray(labels)
