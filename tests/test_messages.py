@@ -4,6 +4,10 @@ a local path or cannot be a Hub id. The help texts name the official models."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx2
 import huggingface_hub
 import pytest
@@ -129,3 +133,20 @@ def test_help_texts_name_the_official_models(monkeypatch):
     commands = build_parser()._subparsers._group_actions[0].choices
     for name in ("segment", "download", "publish"):
         assert NAMES in " ".join(commands[name].format_help().split()), name
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("train/evaluate.py", ["--dataset", "synthetic", "--fold", "0", "--shots", "1"]),
+    ("train/train.py", ["--dataset", "synthetic"]),
+])
+def test_training_and_evaluation_say_in_one_line_that_the_model_does_not_exist(script, extra, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, str(root / script), "--pretrained", "examples/no-such-model", *extra]
+    if script == "train/train.py":
+        command += ["--output-dir", str(tmp_path / "run")]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --pretrained examples/no-such-model: no such folder, and not an official model ({NAMES})."
+    )

@@ -35,7 +35,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pipeline_diffews import DiffewSImageProcessor, load_pipeline, resolve_model  # noqa: E402
+from pipeline_diffews import DiffewSImageProcessor, ModelNotFoundError, load_pipeline, resolve_model  # noqa: E402
 from pipeline_diffews.official import OFFICIAL_MODELS  # noqa: E402
 from train.data import SOURCES, EvaluationEpisodes, MulticlassEpisodes, build_source, collate_episodes  # noqa: E402
 from train.data.episodes import PROTOCOLS, EpisodeSpec  # noqa: E402
@@ -349,4 +349,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ModelNotFoundError as error:  # one line, no traceback: the model named cannot be loaded
+        sys.exit(f"error: --pretrained {error}")

@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed  # 
 from diffusers.optimization import get_polynomial_decay_schedule_with_warmup  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pipeline_diffews import DiffewSUNet2DConditionModel, load_pipeline  # noqa: E402
+from pipeline_diffews import DiffewSUNet2DConditionModel, ModelNotFoundError, load_pipeline  # noqa: E402
 from pipeline_diffews.hub import build_model_card  # noqa: E402
 from train.checkpointing import CheckpointUploader, check_resume, resolve_resume, save_checkpoint  # noqa: E402
 from train.data import SOURCES, ConcatSource, TrainingEpisodes, build_source  # noqa: E402
@@ -300,3 +300,5 @@ if __name__ == "__main__":
     except NonFiniteLossError as error:
         logging.getLogger("diffews.train").error(str(error))
         sys.exit(2)
+    except ModelNotFoundError as error:  # one line, no traceback: the model named cannot be loaded
+        sys.exit(f"error: --pretrained {error}")
