@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import re
 
 import numpy as np
@@ -10,12 +12,13 @@ import pytest
 import torch
 
 from tests.fixtures_data import ROOT
-from benchmarks.learning_synthetic import score_examples
+from benchmarks.learning_synthetic import example_sets, score_examples
 from pipeline_diffews import DiffewSPipeline
 from tests.training_runs import single_thread  # noqa: F401  (autouse fixture)
 
 MODEL = ROOT / "examples" / "tiny-fewshot-pipeline"
 EXAMPLES = ROOT / "examples"
+MULTI_SHOT_RESULTS = ROOT / "benchmarks" / "results" / "fewshot_multishot.json"
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +74,32 @@ def test_the_support_decides_what_is_segmented(pipe):
             truth = query.labels == other
             iou = np.logical_and(predicted, truth).sum() / np.logical_or(predicted, truth).sum()
             assert (iou >= 0.5) if other == kind else (iou < 0.1), (kind, other, iou)
+
+
+def test_the_recorded_figures_are_the_shipped_weights_and_five_shots_score_above_one():
+    # The held-out 1- and 5-shot scores (300 episodes each, about a minute of CPU) are recorded, not rerun here: the
+    # record names the shipped UNet by its hash, so new weights without new figures fail here.
+    record = json.loads(MULTI_SHOT_RESULTS.read_text())["shipped"]
+    weights = MODEL / "unet" / "diffusion_pytorch_model.safetensors"
+    assert record["unet_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    config = json.loads((MODEL / "model_index.json").read_text())
+    assert (config["threshold"], config["threshold_mode"]) == (record["threshold"], record["threshold_mode"])
+    held_out = record["held_out"]
+    assert held_out["1-shot"]["episodes"] == held_out["5-shot"]["episodes"] == 300
+    assert held_out["5-shot"]["miou"] >= held_out["1-shot"]["miou"]
+    assert min(iou for queries in record["examples"].values() for iou in queries.values()) >= stated_minimum_iou()
+
+
+@torch.no_grad()
+def test_a_second_example_keeps_every_example_segmented(pipe):
+    # The demo's loop: a corrected result added as an example. Each query segmented with its set's support plus the
+    # set's other query and its true mask still reaches the README's minimum.
+    minimum = stated_minimum_iou()
+    for name, example in example_sets(EXAMPLES).items():
+        for i, (query_name, image, truth) in enumerate(example["queries"]):
+            others = [(im, t) for j, (_, im, t) in enumerate(example["queries"]) if j != i]
+            supports = example["supports"] + others
+            predicted = pipe(image, support_images=[im for im, _ in supports], support_masks=[m for _, m in supports],
+                             output_type="np").masks[0]
+            iou = np.logical_and(predicted, truth).sum() / np.logical_or(predicted, truth).sum()
+            assert iou >= minimum, f"{name}/{query_name} with {len(supports)} supports: IoU {iou:.3f} < {minimum}"
