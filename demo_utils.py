@@ -58,14 +58,13 @@ OVERLAY_RGB = hex_to_rgb(CLASS_COLORS[0])  # colour of the object of one-class r
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def open_image(path: str | Path, what: str) -> PIL.Image.Image:
-    """A file -> PIL image (EXIF orientation applied, pixels loaded). Raises InputError if it is not an image."""
+def open_image(path: str | Path, what: str, kinds: str = "a PNG or JPEG file") -> PIL.Image.Image:
+    """A file -> PIL image (EXIF orientation applied, pixels loaded, mode kept: `load_mask`). Raises InputError naming
+    `what` and asking for `kinds` if it is not an image."""
     try:
         return load_mask(path)
     except ValueError as error:
-        raise InputError(
-            f"{what} ({Path(path).name}) is not an image that can be read: upload a PNG or JPEG file."
-        ) from error
+        raise InputError(f"{what} ({Path(path).name}) is not an image that can be read: upload {kinds}.") from error
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -78,10 +77,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 def _load_mask(path: str | Path, size: tuple[int, int], what: str) -> PIL.Image.Image:
     """`load_mask` with the demo's messages; checked against its image's size (W, H)."""
-    try:
-        mask = load_mask(path)
-    except ValueError as error:
-        raise InputError(f"{what} ({Path(path).name}) is not an image that can be read: upload a PNG file.") from error
+    mask = open_image(path, what, "a PNG file")
     if mask.size != tuple(size):
         raise InputError(
             f"{what} is {mask.width}x{mask.height} pixels but its image is {size[0]}x{size[1]}: "
