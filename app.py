@@ -301,26 +301,29 @@ def add_example(session, correction, threshold_mode, threshold):
     if shown is None or shown.size != image.size:
         raise InputError("The correction editor does not hold the result's image: click the result again.")
     mask = labels if examples.multiclass else (labels > 0) & (labels < demo_utils.IGNORE)
+    others = [i for i in range(len(session.queries)) if i != index]
+    if others:
+        _check_request([session.queries[i] for i in others], threshold_mode, threshold)
+    # The session changes only once the model has run: a failure leaves its example set and results as they were.
     support, seconds = _on_device(demo_utils.extend_support, examples.support, image, mask, examples.multiclass)
+    again = _on_device(demo_utils.segment, [*examples.images, image], [*examples.masks, mask],
+                       [session.queries[i] for i in others], threshold_mode, float(threshold), support,
+                       multiclass=examples.multiclass) if others else None
     examples.images.append(image)
     examples.masks.append(mask)
     examples.names.append(f"example_{examples.num_shots}")
     examples.support, examples.last_added_seconds = support, seconds
-    others = [i for i in range(len(session.queries)) if i != index]
     result = session.result
-    if others:
-        _check_request([session.queries[i] for i in others], threshold_mode, threshold)
-        again = _on_device(demo_utils.segment, examples.images, examples.masks, [session.queries[i] for i in others],
-                           threshold_mode, float(threshold), support, multiclass=examples.multiclass)
-        for position, i in enumerate(others):
-            result.masks[i], result.probabilities[i] = again.masks[position], again.probabilities[position]
-            if result.label_maps is not None:
-                result.label_maps[i] = again.label_maps[position]
-                result.class_probabilities[i] = again.class_probabilities[position]
+    for position, i in enumerate(others):
+        result.masks[i], result.probabilities[i] = again.masks[position], again.probabilities[position]
+        if result.label_maps is not None:
+            result.label_maps[i] = again.label_maps[position]
+            result.class_probabilities[i] = again.class_probabilities[position]
     result.masks[index] = labels > 0
     result.probabilities[index] = result.masks[index].astype(np.float32)
     if result.label_maps is not None:
         result.label_maps[index] = labels
+        result.class_probabilities[index] = np.stack([labels == k for k in result.class_ids]).astype(np.float32)
     session.editing = None
     overlays, heatmaps, files = _views(session, _palette(session))
     count = len(others)

@@ -102,6 +102,17 @@ def test_the_example_set_has_a_limit_and_a_correction_needs_a_result(url, files,
         app.add_example(demo_utils.Session(), value, "relative", 0.25)
 
 
+def test_a_failed_addition_leaves_the_example_set_as_it_was(url, files, encodes):
+    session = segmented(files)
+    support, masks = session.examples.support, [m.copy() for m in session.result.masks]
+    session, value, _, _ = app.correct_result(session, 0)
+    with pytest.raises(gr.Error, match="threshold must be in"):
+        app.add_example(session, value, "relative", 2.0)
+    assert session.examples.num_shots == 1 and session.examples.support is support and len(encodes) == 1
+    for before, after in zip(masks, session.result.masks):
+        np.testing.assert_array_equal(before, after)
+
+
 def test_a_several_class_result_is_corrected_one_brush_colour_per_class(url, files, encodes):
     session = segmented(files, mask_file="labels", class_names="1: grass, 3: sky")
     assert session.examples.multiclass and session.result.class_ids == [1, 3]
@@ -116,6 +127,8 @@ def test_a_several_class_result_is_corrected_one_brush_colour_per_class(url, fil
     session, *_ = app.add_example(session, fixed, "relative", 0.25)
     added = session.examples.masks[-1]
     assert (added[:10, :20] == 3).all() and (added[40:, 60:] == 0).all()
+    # The corrected image's class probabilities are its corrected label map, like its probability map.
+    np.testing.assert_array_equal(session.result.class_probabilities[1], np.stack([added == 1, added == 3]))
     assert session.examples.support.num_shots == 2
     assert [(count, extended.num_shots if extended else None) for count, extended in encodes] == [(1, None), (1, 1)]
 
