@@ -300,6 +300,12 @@ def add_example(session, correction, threshold_mode, threshold):
     shown, labels = demo_utils.support_from_editor(correction, examples.num_shots + 1, None, ids) or (None, None)
     if shown is None or shown.size != image.size:
         raise InputError("The correction editor does not hold the result's image: click the result again.")
+    unknown = sorted(set(demo_utils.class_ids(labels)) - set(ids))
+    if examples.multiclass and unknown:
+        raise InputError(
+            f"The correction paints {len(unknown)} brush colour{'s' if len(unknown) != 1 else ''} beyond the "
+            f"{len(ids)} classes of the example set: paint each class in its colour of the legend."
+        )
     mask = labels if examples.multiclass else (labels > 0) & (labels < demo_utils.IGNORE)
     others = [i for i in range(len(session.queries)) if i != index]
     if others:

@@ -153,7 +153,8 @@ def support_from_editor(
 
     The label map is read from `mask_path` when given (`read_label_map`), else from the painted layers, one class per
     brush colour (`label_map_from_layers`): brush colour k paints class `ids[k - 1]` when the layer was drawn from a
-    label map with those ids (`editor_value`), else class k.
+    label map with those ids (`editor_value`), else class k; a brush colour beyond those ids paints a new class, the
+    next id after the largest.
     """
     if not value or value.get("background") is None:
         if mask_path is not None:
@@ -177,7 +178,8 @@ def support_from_editor(
         )
     if ids:
         lookup = np.zeros(256, np.uint8)
-        lookup[1 : len(ids) + 1] = ids
+        colour_ids = [*ids, *range(max(ids) + 1, IGNORE)][: len(CLASS_COLORS)]
+        lookup[1 : len(colour_ids) + 1] = colour_ids
         labels = lookup[labels]
     return image, labels
 

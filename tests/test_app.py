@@ -288,6 +288,16 @@ def test_a_small_image_gets_a_layer_as_large_as_the_empty_canvas():
     np.testing.assert_array_equal(labels, mask)
 
 
+def test_a_brush_colour_beyond_a_loaded_label_maps_classes_paints_a_new_class():
+    labels = np.zeros((20, 30), np.uint8)
+    labels[0:5, 0:10], labels[10:15, 0:10] = 1, 3
+    value = demo_utils.editor_value(PIL.Image.new("RGB", (30, 20), "white"), labels, [1, 3])
+    value["layers"][0][15:20, 20:30] = (*demo_utils.hex_to_rgb(demo_utils.CLASS_COLORS[2]), 128)  # a third colour
+    _, read = demo_utils.support_from_editor(value, 1, ids=[1, 3])
+    labels[15:20, 20:30] = 4  # the next id after the largest
+    np.testing.assert_array_equal(read, labels)
+
+
 # ---------------------------------------------------------------------------------------------- start-up
 
 

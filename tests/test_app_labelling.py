@@ -123,6 +123,9 @@ def test_a_several_class_result_is_corrected_one_brush_colour_per_class(url, fil
     for rank, class_id in enumerate([1, 3]):  # class 3 is painted in the second brush colour
         colour = np.all(layer[..., :3] == demo_utils.hex_to_rgb(demo_utils.CLASS_COLORS[rank]), axis=-1)
         np.testing.assert_array_equal(colour & (layer[..., 3] > 0), labels == class_id)
+    third = corrected(value, (slice(0, 10), slice(0, 20)), (slice(40, 50), slice(60, 70)), demo_utils.CLASS_COLORS[2])
+    with pytest.raises(gr.Error, match="1 brush colour beyond the 2 classes of the example set"):
+        app.add_example(session, third, "relative", 0.25)
     fixed = corrected(value, (slice(0, 10), slice(0, 20)), (slice(40, 50), slice(60, 70)), demo_utils.CLASS_COLORS[1])
     session, *_ = app.add_example(session, fixed, "relative", 0.25)
     added = session.examples.masks[-1]
