@@ -341,7 +341,8 @@ def add_example(session, correction, threshold_mode, threshold):
 
 @_user_errors
 def check_mask_file(editor_value, path, number: int):
-    """Checks an uploaded mask file against its example image. Returns its uint8 label map [H, W]."""
+    """Checks an uploaded mask file against its example image. Returns its uint8 label map [H, W] (None without a
+    file)."""
     if path is None:
         return None
     if not editor_value or editor_value.get("background") is None:
@@ -424,7 +425,7 @@ def segment(cache, support_images, support_masks, queries, threshold_mode, thres
 
     Args:
         support_images: 1 to MAX_SHOTS (10) example image files.
-        support_masks: one mask file per example image, same size (white object on black, or alpha > 0).
+        support_masks: one mask file per example image, same size (white object on black, or alpha >= 128).
         queries: 1 to 16 image files to segment.
         threshold_mode: "relative" (probability > threshold x the image's maximum) or "absolute".
         threshold: in [0, 1].
@@ -450,7 +451,7 @@ def segment_classes(cache, support_images, support_masks, queries, class_names, 
         support_images: 1 to MAX_SHOTS (10) example image files.
         support_masks: one label map per example image, same size: a palette PNG or a grey PNG of class ids
             (0 = background, 1..254 = classes, 255 = ignored); a class may be missing from some examples. A plain
-            mask (white on black, or alpha > 0) is class 1.
+            mask (white on black, or alpha >= 128) is class 1.
         queries: 1 to 16 image files to segment.
         class_names: optional, "road, car" (ids 1, 2, ...) or "1: road, 8: car".
         threshold_mode: "relative" (per class: probability > threshold x its maximum) or "absolute".
