@@ -109,11 +109,10 @@ def _segment(support_images, support_masks, queries, threshold_mode, threshold, 
     return result, demo_utils.describe(result, support_masks, cached is not None, _PIPE.device)
 
 
-def _classes(result, names_text, palette):
-    """(legend entries, palette of the outputs) of a multi-class result."""
+def _classes(result, names: dict[int, str], palette):
+    """(legend entries, palette of the outputs) of a multi-class result; `names`: `demo_utils.parse_class_names`."""
     colors = demo_utils.class_colors(result.class_ids, palette)
-    entries = demo_utils.legend(result.class_ids, demo_utils.parse_class_names(names_text, result.class_ids), colors)
-    return entries, demo_utils.output_palette(colors, palette)
+    return demo_utils.legend(result.class_ids, names, colors), demo_utils.output_palette(colors, palette)
 
 
 def _read_queries(paths, what: str = "Image to segment"):
@@ -228,7 +227,7 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
     out_palette = _palette(session)
     overlays, heatmaps, files = _views(session, out_palette)
     if multiclass:
-        entries, _ = _classes(result, class_names, palette)
+        entries, _ = _classes(result, session.class_names, palette)
         status += "\n\n" + demo_utils.legend_markdown(entries, result.label_maps)
     return session, overlays, heatmaps, files, status
 
@@ -468,7 +467,7 @@ def segment_classes(cache, support_images, support_masks, queries, class_names, 
     palette = next((p for p in map(demo_utils.file_palette, support_masks or []) if p is not None), None)
     queries, names, _ = _read_queries(queries, "Query")
     result, status = _cached_segment(cache, images, labels, queries, threshold_mode, threshold, True)
-    entries, out_palette = _classes(result, class_names, palette)
+    entries, out_palette = _classes(result, demo_utils.parse_class_names(class_names, result.class_ids), palette)
     label_files, probability_files = demo_utils.save_label_maps(
         names, result.label_maps, result.class_probabilities, result.class_ids, out_palette,
         demo_utils.output_folder(),
@@ -549,7 +548,8 @@ def build_demo(pipe) -> gr.Blocks:
                     threshold = gr.Slider(0.0, 1.0, value=defaults["threshold"], step=0.01, label="Threshold")
                 class_names = gr.Textbox(
                     label="Class names (optional, for several brush colours)",
-                    placeholder="road, car, person  (one per brush colour, in the palette's order; or 1: road, 8: car)",
+                    placeholder="road, car, person  (one per brush colour, in the palette's order; "
+                                "or 1: road, 8: car)",
                     elem_id="class-names",
                 )
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
@@ -591,8 +591,8 @@ def build_demo(pipe) -> gr.Blocks:
         if sets:
             def load_example(index):
                 example = sets[index]
-                return ([*_example_values(example)], *[None] * (2 * EXAMPLE_TABS), example["queries"], defaults["mode"],
-                        defaults["threshold"], "", None)
+                return ([*_example_values(example)], *[None] * (2 * EXAMPLE_TABS), example["queries"],
+                        defaults["mode"], defaults["threshold"], "", None)
 
             dataset.click(
                 load_example, dataset,
