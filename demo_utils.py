@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageColor
 import torch
 
 from pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSSupport, load_mask
@@ -48,8 +49,7 @@ class InputError(ValueError):
 
 def hex_to_rgb(color: str) -> tuple[int, int, int]:
     """"#rrggbb" -> (r, g, b)."""
-    color = color.lstrip("#")
-    return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
+    return PIL.ImageColor.getrgb(color)[:3]
 
 
 OVERLAY_RGB = hex_to_rgb(CLASS_COLORS[0])  # colour of the object of one-class results
