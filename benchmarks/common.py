@@ -1,4 +1,6 @@
-"""The one helper module of the benchmarks: models, inputs, timers, memory, the machine, records, training commands.
+"""The helper module every benchmark shares: models, inputs, timers, memory, the machine, records, training commands.
+(The tiny learning model of the two learning benchmarks is apart, in `benchmarks.tiny_diffews` and
+`benchmarks.tiny_vae`.)
 
 - True Stable Diffusion 2.1 components with random weights: compute does not depend on weight values, so the UNet
   and VAE are built from the true SD 2.1 configurations with random initialisation (nothing is downloaded).
