@@ -26,7 +26,7 @@ import PIL.ImageColor
 import torch
 
 from pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSSupport, load_mask
-from pipeline_diffews.coco import COCO_FILE, coco_dataset
+from pipeline_diffews.coco import COCO_FILE, category_name, coco_dataset
 from pipeline_diffews.image_processor_diffews import IGNORE_INDEX
 from pipeline_diffews.writers import border, mask_to_image, overlay_classes
 
@@ -550,7 +550,7 @@ def export_zip(session: Session, palette: list[int], folder: Path) -> Path:
             archive.writestr(f"examples/{name}.png", _png(image))
             archive.writestr(f"examples/{name}_mask.png", _png(mask_file_image(mask, multiclass, palette)))
         ids = sorted({k for _, labels in entries for k in class_ids(labels)} | set(class_ids_of(examples)))
-        categories = [(k, session.class_names.get(k, f"class {k}" if multiclass else "object")) for k in ids]
+        categories = [(k, category_name(k, session.class_names.get(k), multiclass)) for k in ids]
         archive.writestr(COCO_FILE, json.dumps(coco_dataset(entries, categories)))
     return path
 

@@ -19,6 +19,11 @@ COCO_FILE = "annotations.json"
 INSTALL_HINT = "COCO output needs pycocotools: pip install 'pipeline-diffews[coco]' (or pip install pycocotools)"
 
 
+def category_name(class_id: int, name: str | None, multiclass: bool) -> str:
+    """A COCO category's name: the class's own name, else `class_ID` (several classes) or `object` (one class)."""
+    return name or (f"class_{class_id}" if multiclass else "object")
+
+
 def coco_dataset(entries: Iterable[tuple[str, np.ndarray]], categories: Sequence[tuple[int, str]],
                  description: str = "DiffewS few-shot segmentation") -> dict:
     """A COCO instances dataset (dict, JSON-ready) of label maps.

@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .coco import COCO_FILE, check_available, coco_dataset
+from .coco import COCO_FILE, category_name, check_available, coco_dataset
 from .image_processor_diffews import DiffewSImageProcessor, load_mask
 from .inputs import InputError, VideoFrameReader, discover, find_support_pairs, iter_video_frames, read_image
 from .official import ModelNotFoundError, load_pipeline, official_names, resolve_model
@@ -299,9 +299,9 @@ def class_categories(support, names: dict[int, str] | None) -> list[tuple[int, s
                 f"--classes names {len(names)} class(es) but the support masks are binary (one object): give one "
                 "name, or label maps with class ids."
             )
-        return [(1, (names or {}).get(1, "object"))]
+        return [(1, category_name(1, (names or {}).get(1), multiclass=False))]
     given = dict(zip(support.class_ids, support.class_names or []))
-    return [(c, (names or given).get(c) or f"class_{c}") for c in support.class_ids]
+    return [(c, category_name(c, (names or given).get(c), multiclass=True)) for c in support.class_ids]
 
 
 def _write_coco(items: list[WorkItem], rendering: Rendering, categories: list[tuple[int, str]], path: Path,
