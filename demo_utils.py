@@ -321,7 +321,7 @@ def segment(
     """
     start = time.perf_counter()
     if support is None:
-        support = on_cpu(pipe.encode_support(support_images, support_masks, multiclass=multiclass))
+        support = pipe.encode_support(support_images, support_masks, multiclass=multiclass).to("cpu")
         support_seconds = time.perf_counter() - start
     else:
         support_seconds = 0.0
@@ -347,22 +347,7 @@ def extend_support(
     shot's support pass runs. Returns (the grown support on the CPU, seconds it took)."""
     start = time.perf_counter()
     grown = pipe.encode_support([image], [mask], multiclass=multiclass, extend=support)
-    return on_cpu(grown), time.perf_counter() - start
-
-
-def on_cpu(value: Any) -> Any:
-    """A copy of an encoded support (or anything made of dataclasses, lists, tuples and dicts of tensors and objects
-    with `.to`) whose tensors live on the CPU."""
-    if isinstance(value, torch.Tensor) or (hasattr(value, "to") and hasattr(value, "layers")):
-        return value.to("cpu")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: on_cpu(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-        return dataclasses.replace(value, **changes)
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(v) for v in value)
-    if isinstance(value, dict):
-        return {k: on_cpu(v) for k, v in value.items()}
-    return value
+    return grown.to("cpu"), time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------- the session

@@ -16,7 +16,7 @@ import inspect
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import PIL.Image
@@ -118,6 +118,13 @@ class DiffewSSupport:
     def caches(self) -> list:
         """The cache of each class, in `class_ids` order: `[key_values]` for one class."""
         return list(self.class_key_values) if self.is_multiclass else [self.key_values]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffewSSupport":
+        """A copy whose caches live on `device` (and in `dtype`), e.g. `support.to("cpu")` to keep it off the GPU."""
+        moved = [cache.to(device=device, dtype=dtype) for cache in self.caches]
+        if self.is_multiclass:
+            return replace(self, class_key_values=moved)
+        return replace(self, key_values=moved[0])
 
 
 class DiffewSPipeline(DiffusionPipeline):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline_diffews import DiffewSUNet2DConditionModel
 
@@ -96,3 +97,15 @@ def test_replaced_attention_processors_are_detected(pipe):
         pipe(QUERIES[0], support=support)
     pipe.unet.set_default_attn_processor()
     pipe(QUERIES[0], support=support)
+
+
+@pytest.mark.parametrize("label_maps", [False, True])
+def test_a_support_moved_with_to_gives_the_same_outputs(pipe, label_maps):
+    masks = [m.astype(np.uint8) * (k + 2) for k, m in enumerate(MASKS[:2])] if label_maps else MASKS[:2]
+    support = pipe.encode_support(IMAGES[:2], masks)
+    moved = support.to("cpu", torch.float64)
+    assert moved is not support and moved.num_shots == support.num_shots and moved.class_ids == support.class_ids
+    assert all(k.dtype == torch.float64 for cache in moved.caches for k, _ in cache.layers.values())
+    assert all(k.dtype == torch.float32 for cache in support.caches for k, _ in cache.layers.values())
+    before, after = pipe(QUERIES[0], support=support), pipe(QUERIES[0], support=moved.to(dtype=torch.float32))
+    np.testing.assert_array_equal(before.probabilities[0], after.probabilities[0])
