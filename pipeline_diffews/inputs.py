@@ -111,11 +111,27 @@ def find_support_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
 
     The folder holds `NAME.<ext>` + `NAME_mask.<ext>` pairs, any number, with image extensions (not necessarily the
     same for both); hidden files and other files are ignored. Raises InputError naming the file for an image without
-    a mask, a mask without an image, or two files for one NAME, and for a missing or empty folder.
+    a mask, a mask without an image, or two files for one NAME, and for a missing or empty folder; when the folder
+    holds no pairs but a subfolder does (the demo's unzipped download: its examples/), the error asks "did you mean"
+    that subfolder.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise InputError(f"--support-dir {folder}: no such folder.")
+    try:
+        return _support_pairs(folder)
+    except InputError as error:
+        for sub in sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                          key=lambda p: (p.name != "examples", p.name)):
+            try:
+                _support_pairs(sub)
+            except InputError:
+                continue
+            raise InputError(f"{error} Did you mean --support-dir {sub}?") from None
+        raise
+
+
+def _support_pairs(folder: Path) -> list[tuple[Path, Path]]:
     images: dict[str, list[Path]] = {}
     masks: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):

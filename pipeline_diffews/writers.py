@@ -116,10 +116,33 @@ def save_png(image: PIL.Image.Image, path: str | Path) -> None:
         image.save(temporary, format="PNG")
 
 
+def json_text(data, indent: int | None = 2) -> str:
+    """`data` as the JSON files are written: indented (or on one line with `indent=None`), non-ASCII characters kept,
+    a final newline."""
+    return json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+
+
 def save_json(data, path: str | Path) -> None:
     """Writes `data` as indented UTF-8 JSON, atomically."""
+    write_bytes(json_text(data).encode("utf-8"), path)
+
+
+def write_bytes(content: bytes, path: str | Path) -> None:
+    """Writes a file atomically, making its folder."""
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        temporary.write_bytes(content)
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """Puts a copy of `source` at `target`: a hard link where the file system allows (no space used), else a copy;
+    an existing `target` is replaced, atomically."""
+    import shutil
+
+    with atomic_path(target) as temporary:
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
 
 
 def write_video(frames: Iterable[PIL.Image.Image], path: str | Path, fps: Fraction | float) -> int:
