@@ -6,6 +6,7 @@
     diffews publish NAME_OR_DIR --repo OWNER/NAME [--private] [--card-only]
     diffews convert-official --official DIR --base DIR --output DIR
     diffews init-from-sd --base DIR --output DIR
+    diffews label-studio --model NAME_DIR_OR_REPO [--port 9090]   (with LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)
 
 NAME: an official model (incontext, coco-fold0 .. coco-fold3), downloaded and converted the first time. On several
 GPUs: `accelerate launch -m pipeline_diffews segment ...` (the inputs are split between the processes).
@@ -17,6 +18,7 @@ import argparse
 import sys
 
 from . import convert_official, init_from_sd, official, publish, segment
+from .label_studio import command as label_studio
 
 COMMANDS = {
     "segment": (segment, "segment images, folders, globs and videos with one set of examples"),
@@ -24,6 +26,7 @@ COMMANDS = {
     "publish": (publish, "push a converted pipeline with its code and model card to the Hub"),
     "convert-official": (convert_official, "convert the authors' fine-tuned UNet into a DiffewS pipeline folder"),
     "init-from-sd": (init_from_sd, "make an untrained DiffewS pipeline from Stable Diffusion 2.1 (to train)"),
+    "label-studio": (label_studio, "serve a Label Studio ML backend that learns from the project's own annotations"),
 }
 
 
