@@ -2,10 +2,14 @@
 
     diffews segment --model incontext --support cat.jpg --support-mask cat.png --input photos/ --output masks/
     diffews segment --model incontext --support-dir examples/ --input photos/ --output masks/ --format coco
+    diffews segment --model incontext --support-dir examples/ --input photos/ --output masks/ --format yolo
 
 Several classes at once: a label map as `--support-mask` (a palette PNG, or a grayscale PNG of class ids below 128;
 0 = background, 255 = ignored) gives per image an index PNG with the support's palette, and OUTPUT/classes.json maps
-each id to its name (`--classes road,car,person`) and colour. `--format coco` also writes OUTPUT/annotations.json.
+each id to its name (`--classes road,car,person`) and colour. `--format` adds the annotations of the still images
+(`formats.annotation_files`): `coco` OUTPUT/annotations.json (RLE masks), `coco-polygons`
+OUTPUT/annotations_polygons.json (polygons), `yolo` a YOLO segmentation dataset in OUTPUT/yolo/ (data.yaml, labels/,
+and images/ holding the inputs, hard-linked where the file system allows, else copied).
 
 The supports are encoded once; the queries run in batches. With `accelerate launch -m pipeline_diffews segment ...`
 the batches are dealt out to the processes in turn, so every image is in the same batch as in a one-process run and
@@ -15,6 +19,7 @@ the outputs are the same.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,15 +30,20 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .coco import COCO_FILE, category_name, check_available, coco_dataset
+from .coco import category_name
+from .formats import ANNOTATION_FORMATS, annotation_files
+from .formats import check_available as check_format_available
 from .image_processor_diffews import DiffewSImageProcessor, load_mask
 from .inputs import InputError, VideoFrameReader, discover, find_support_pairs, iter_video_frames, read_image
 from .official import ModelNotFoundError, load_pipeline, official_names, resolve_model
 from .outputs import OutputConflictError, VideoJob, WorkItem, make_plan
-from .writers import mask_to_image, overlay, overlay_classes, save_json, save_png, write_video
+from .writers import (link_or_copy, mask_to_image, overlay, overlay_classes, save_json, save_png, write_bytes,
+                      write_video)
+from .yolo import IMAGES_FOLDER
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CLASSES_FILE = "classes.json"
+YOLO_FOLDER = "yolo"  # OUTPUT/yolo/: the YOLO dataset of --format yolo
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -58,10 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="names of the classes, for OUTPUT/classes.json and --format coco: 'road,car,person' names "
                              "ids 1, 2, 3; '2=car,7=person' names chosen ids; with binary masks one name, the "
                              "object's")
-    parser.add_argument("--format", choices=("png", "coco"), default="png",
-                        help="png: a mask PNG per image (default); coco: also OUTPUT/annotations.json, a COCO dataset "
-                             "of every image's masks (RLE, one annotation per image and class; video frames are not "
-                             "listed)")
+    parser.add_argument("--format", choices=("png", *ANNOTATION_FORMATS), default="png",
+                        help="png: a mask PNG per image (default). Also the still images' annotations (video frames "
+                             "are not listed): coco: OUTPUT/annotations.json, a COCO dataset (RLE masks, one "
+                             "annotation per image and class); coco-polygons: OUTPUT/annotations_polygons.json, the "
+                             "same as polygons (one per piece, holes joined by zero-width cuts); yolo: OUTPUT/yolo/, a "
+                             "YOLO segmentation dataset (data.yaml, images/, labels/ with one line per piece)")
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
                         help="image(s), video(s), folder(s) (searched recursively) or quoted glob pattern(s)")
     parser.add_argument("--output", required=True, help="output folder; masks mirror the inputs' relative paths")
@@ -73,12 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights' dtype (default float32; float16 or bfloat16 are faster on GPUs)")
     parser.add_argument("--device", type=_device_name, default=None,
                         help="cpu, cuda, cuda:1, mps... (default: each process's Accelerate device, else cpu)")
-    parser.add_argument("--threshold", type=_fraction, default=None, help="in [0, 1] (default: the model's, 0.25)")
+    parser.add_argument("--threshold", type=_fraction, default=None,
+                        help="in [0, 1] (default: the model's, its config's `threshold`; the run's first line says "
+                             "the value used)")
     parser.add_argument("--threshold-mode", choices=("relative", "absolute"), default=None,
                         help="relative: probability > threshold x the image's maximum; absolute: probability > "
-                             "threshold (default: the model's, relative)")
+                             "threshold (default: the model's, its config's `threshold_mode`)")
     parser.add_argument("--processing-resolution", type=_positive_int, default=None,
-                        help="square size the model sees (default: the model's, 512)")
+                        help="square size the model sees (default: the model's, its config's "
+                             "`processing_resolution`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -148,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
         for path in args.input:
             sources += discover(path, exclude=args.output)
         plan = make_plan(sources, args.output, args.overlay)
-        if args.format == "coco":
-            check_available()
+        if args.format != "png":
+            check_format_available([args.format])
     except (InputError, OutputConflictError, ImportError) as error:
         return _usage_error(state, error)
 
@@ -180,12 +195,15 @@ def run(args: argparse.Namespace) -> int:
         if rendering.palette is not None and state.is_main_process:
             save_json(class_table(support, rendering.palette, args.classes), Path(args.output) / CLASSES_FILE)
     except (ValueError, TypeError) as error:
-        return _usage_error(state, error)
+        return _usage_error(state, name_support_files(error, pairs))
     call = {"support": support, "processing_resolution": support.processing_resolution, "threshold": args.threshold,
             "threshold_mode": args.threshold_mode, "output_type": "np"}
     classes = f", {len(support.class_ids)} class(es)" if support.class_ids is not None else ""
+    threshold = pipe.config.threshold if args.threshold is None else args.threshold
     say(f"Model {model} on {device} ({args.dtype}), {len(support_images)} shot(s){classes}, "
-        f"{len(plan.items)} image(s) to segment, {len(pending)} pending, {state.num_processes} process(es).")
+        f"{len(plan.items)} image(s) to segment, {len(pending)} pending, {state.num_processes} process(es); "
+        f"threshold {threshold:g} ({args.threshold_mode or pipe.config.threshold_mode}), processing resolution "
+        f"{support.processing_resolution}.")
 
     # 3. Queries: batches dealt out to the processes in turn
     batches = [pending[i : i + args.batch_size] for i in range(0, len(pending), args.batch_size)]
@@ -201,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
     for video in plan.videos[state.process_index :: state.num_processes]:
         _finish_video(video, totals, args.resume, counts, rendering)
     totals = _gather(state, counts)
-    if args.format == "coco" and state.is_main_process:
-        _write_coco(plan.items, rendering, categories, Path(args.output) / COCO_FILE, totals)
+    if args.format != "png" and state.is_main_process:
+        _write_annotations(plan.items, rendering, categories, Path(args.output), args.format, totals)
 
     say(_summary(totals, work_seconds, time.perf_counter() - start, state.num_processes))
     if state.is_main_process and totals.failures:
@@ -250,6 +268,20 @@ def support_pairs(images: list[str], masks: list[str], folder: str | None) -> li
     if not pairs:
         raise InputError("No examples: give --support IMAGE --support-mask MASK (repeatable) or --support-dir DIR.")
     return pairs
+
+
+def name_support_files(error: Exception, pairs: list[tuple[str | Path, str | Path]]) -> Exception:
+    """The error with the pipeline's names of the shots (`support_images[k]`, `support_masks[k]`, in backquotes or
+    not) replaced by their files, as `support_pairs` lists them: `examples/cat_mask.png is all background: ...`."""
+
+    def file_name(match: re.Match) -> str:
+        index = int(match.group(2))
+        if index >= len(pairs):
+            return match.group(0)
+        return str(pairs[index][0 if match.group(1) == "images" else 1])
+
+    message = re.sub(r"`?support_(images|masks)\[(\d+)\]`?", file_name, str(error))
+    return error if message == str(error) else type(error)(message)
 
 
 def _read_support(path: str, argument: str, reader):
@@ -304,18 +336,25 @@ def class_categories(support, names: dict[int, str] | None) -> list[tuple[int, s
     return [(c, category_name(c, (names or given).get(c), multiclass=True)) for c in support.class_ids]
 
 
-def _write_coco(items: list[WorkItem], rendering: Rendering, categories: list[tuple[int, str]], path: Path,
-                totals: Counts) -> None:
-    """OUTPUT/annotations.json from the masks written (still images only), read back so that it says what they say."""
-    entries = []
-    for item in items:
-        if item.frame is None and item.mask_path.exists():
-            result = rendering.read(item.mask_path)
-            entries.append((item.source.relative.as_posix(), result.astype(np.uint8)))
+def _write_annotations(items: list[WorkItem], rendering: Rendering, categories: list[tuple[int, str]], output: Path,
+                       annotation_format: str, totals: Counts) -> None:
+    """The annotations of `--format` from the masks written (still images only), read back so that they say what the
+    masks say: OUTPUT/annotations.json, OUTPUT/annotations_polygons.json, or OUTPUT/yolo/ with the images beside."""
+    done = [item for item in items if item.frame is None and item.mask_path.exists()]
+    entries = [(item.source.relative.as_posix(), rendering.read(item.mask_path).astype(np.uint8)) for item in done]
+    root = output / YOLO_FOLDER if annotation_format == "yolo" else output
+    path = root
     try:
-        save_json(coco_dataset(entries, categories), path)
-    except Exception as error:  # noqa: BLE001 - pycocotools missing, or a disk error: reported like a failed output
-        totals.failures.append((path.name, f"cannot write it: {type(error).__name__}: {error}"))
+        for relative, content in annotation_files(entries, categories, [annotation_format]).items():
+            path = root / relative
+            write_bytes(content, path)
+        if annotation_format == "yolo":
+            for item in done:
+                path = root / IMAGES_FOLDER / item.source.relative
+                link_or_copy(item.source.path, path)
+    except Exception as error:  # noqa: BLE001 - a missing library or a disk error: reported like a failed output
+        totals.failures.append((path.relative_to(output).as_posix() or ".",
+                                f"cannot write it: {type(error).__name__}: {error}"))
 
 
 def class_table(support, palette: list[int], names: dict[int, str] | None) -> dict:

@@ -89,3 +89,38 @@ def test_no_examples_at_all(saved_pipeline, tmp_path, capsys):
     assert segment(saved_pipeline, images, tmp_path / "out") == 2
     assert "No examples: give --support IMAGE --support-mask MASK (repeatable) or --support-dir DIR" in \
         capsys.readouterr().err
+
+
+def test_unzipped_download_suggests_its_examples_folder(saved_pipeline, tmp_path, capsys):
+    root = tmp_path / "diffews_masks"  # the demo's zip, unzipped: masks/, images/, examples/, annotations.json
+    write_support(root / "examples", "example_1", 1)
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    random_image(48, 40, 2).save(root / "images" / "a.png")
+    PIL.Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / "masks" / "a.png")
+    (root / "annotations.json").write_text("{}")
+    with pytest.raises(InputError, match=rf"no examples in it .* Did you mean --support-dir {root / 'examples'}\?"):
+        find_support_pairs(root)
+
+    images = write_images(tmp_path / "images", corrupt=False)
+    assert segment(saved_pipeline, images, tmp_path / "out", "--support-dir", root) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(f"Did you mean --support-dir {root / 'examples'}?")
+    assert segment(saved_pipeline, images, tmp_path / "out", "--support-dir", root / "examples") == 0
+
+
+@pytest.mark.parametrize("case", ["all background", "wrong size"])
+def test_support_errors_name_the_file(saved_pipeline, tmp_path, capsys, case):
+    examples = tmp_path / "examples"
+    write_support(examples, "a", 1)
+    image, mask = write_support(examples, "b", 2)
+    if case == "all background":
+        PIL.Image.fromarray(np.zeros((40, 48), np.uint8)).save(mask)
+        message = f"{mask} is all background"
+    else:
+        PIL.Image.fromarray(np.full((10, 12), 255, np.uint8)).save(mask)
+        message = f"{mask} is 12x10 (WxH) but {image} is 48x40"
+    images = write_images(tmp_path / "images", corrupt=False)
+    assert segment(saved_pipeline, images, tmp_path / "out", "--support-dir", examples) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "support_masks" not in err
