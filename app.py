@@ -55,6 +55,32 @@ CSS = """
 #overlays .caption-label, #probabilities .caption-label {white-space: normal; overflow: visible; max-width: none}
 """
 
+# Runs once the page loads: before leaving (reload, close, another address) while the hidden #unsaved box says what
+# would be lost, the browser asks first.
+PAGE_JS = """
+() => {
+  window.addEventListener("beforeunload", (event) => {
+    const unsaved = document.querySelector("#unsaved textarea, #unsaved input");
+    if (unsaved && unsaved.value) {
+      event.preventDefault();
+      event.returnValue = unsaved.value;
+    }
+  });
+}
+"""
+# After the Download button built the zip: the browser saves it.
+DOWNLOAD_JS = """
+(file) => {
+  if (!file || !file.url) return;
+  const link = document.createElement("a");
+  link.href = file.url;
+  link.download = file.orig_name || "diffews_masks.zip";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+}
+"""
+
 _PIPE = None
 _OUTPUTS = {}  # api name -> its output components (files inside JSON are put in a component's cache)
 
@@ -83,6 +109,28 @@ def _user_errors(fn):
             raise gr.Error(str(error), print_exception=False) from None
 
     return wrapper
+
+
+def _page_event(message: int, count: int, cleared: dict | None = None):
+    """A page event whose mistakes stay where they are: a ValueError or TypeError (InputError, the pipeline's) leaves
+    every one of its `count` outputs as it was (gr.skip()) but output `message`, which shows the mistake, and the
+    outputs `cleared` names ({position: value}). No exception reaches Gradio, so no other panel is marked."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ValueError, TypeError) as error:
+                outputs = [gr.skip()] * count
+                outputs[message] = f"⚠️ {error}"
+                for position, value in (cleared or {}).items():
+                    outputs[position] = value
+                return tuple(outputs)
+
+        return wrapper
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------- segmenting
@@ -115,11 +163,18 @@ def _classes(result, names: dict[int, str], palette):
     return demo_utils.legend(result.class_ids, names, colors), demo_utils.output_palette(colors, palette)
 
 
-def _read_queries(paths, what: str = "Image to segment"):
-    """Gallery items or files -> (RGB images, file names, paths)."""
+def _read_queries(paths, what: str = "Image to segment", session: demo_utils.Session | None = None):
+    """Gallery items or files -> (RGB images, file names, file bytes). A file gone from Gradio's upload cache is read
+    from `session`'s own copy of the image of that name."""
     paths = [p[0] if isinstance(p, (tuple, list)) else p for p in paths or []]
-    images = [demo_utils.to_rgb(demo_utils.open_image(p, f"{what} {i}")) for i, p in enumerate(paths, 1)]
-    return images, [Path(p).name for p in paths], [str(p) for p in paths]
+    images, files = [], []
+    for number, path in enumerate(paths, 1):
+        stored = session.stored(Path(path).name) if session and not Path(path).is_file() else None
+        image, data = stored or (demo_utils.to_rgb(demo_utils.open_image(path, f"{what} {number}")),
+                                 Path(path).read_bytes())
+        images.append(image)
+        files.append(data)
+    return images, [Path(p).name for p in paths], files
 
 
 def _read_support_files(support_images, support_masks, read) -> tuple[list, list[np.ndarray]]:
@@ -151,11 +206,11 @@ def _cached_segment(cache, images, masks, queries, threshold_mode, threshold, mu
 
 
 def _views(session: demo_utils.Session, palette):
-    """The page's result views of a session: overlays and probability maps (with captions), mask files."""
+    """The page's result views of a session: overlays and probability maps (with captions; a confirmed result says
+    so), and the mask files as the download holds them (`demo_utils.save_masks`)."""
     result, examples = session.result, session.examples
     overlays, heatmaps = [], []
-    names = session.names
-    for index, (query, name) in enumerate(zip(session.queries, names)):
+    for index, (query, name) in enumerate(zip(session.queries, session.names)):
         labels = result.labels(index)
         if examples.multiclass:
             shares = ", ".join(
@@ -164,14 +219,11 @@ def _views(session: demo_utils.Session, palette):
             )
         else:
             shares = f"{100 * (labels > 0).mean():.1f}%"
-        overlays.append((demo_utils.overlay(query, labels, palette), f"{name}: {shares}"))
+        confirmed = " (confirmed)" if session.confirmed[index] else ""
+        overlays.append((demo_utils.overlay(query, labels, palette), f"{name}: {shares}{confirmed}"))
         heatmaps.append((demo_utils.colorize(result.probabilities[index]), name))
-    folder = demo_utils.output_folder()
-    if examples.multiclass:
-        files, _ = demo_utils.save_label_maps(names, result.label_maps, result.class_probabilities, result.class_ids,
-                                              palette, folder)
-    else:
-        files, _ = demo_utils.save_results(names, result.masks, result.probabilities, folder)
+    labels = [result.labels(i) for i in range(len(session.queries))]
+    files = demo_utils.save_masks(session.names, labels, examples.multiclass, palette, demo_utils.output_folder())
     return overlays, heatmaps, files
 
 
@@ -182,54 +234,74 @@ def _palette(session: demo_utils.Session) -> list[int]:
     return demo_utils.output_palette(demo_utils.class_colors(ids, examples.palette), examples.palette)
 
 
-def _page_segment(session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names):
-    """The Segment button: the editors' examples (the session's example set when they are unchanged, with the
-    results added to it) segment the gallery's images. Returns (session, overlays, heatmaps, mask files, status)."""
-    session = session or demo_utils.Session()
+def _editor_supports(editor_ids, editors, mask_files):
+    """The example editors' shots: (RGB images, uint8 label maps, the palette of their mask files or None)."""
     editor_ids = editor_ids or [None] * EXAMPLE_TABS
     supports, used_files = [], []
     for number, (value, mask_file, ids) in enumerate(zip(editors, mask_files, editor_ids), 1):
-        ids = (ids or {}).get("ids")
-        support = demo_utils.support_from_editor(value, number, mask_file, ids)
+        support = demo_utils.support_from_editor(value, number, mask_file, (ids or {}).get("ids"))
         if support is not None:
             supports.append(support)
             if mask_file is not None:
                 used_files.append(mask_file)
-    if not supports:
-        raise InputError("Add at least one example image (upload it above) and paint the object in it.")
-    queries, names, paths = _read_queries(query_items)
-    images, labels = [s[0] for s in supports], [s[1] for s in supports]
-    ids = sorted({k for m in labels for k in demo_utils.class_ids(m)})
     palette = next((p for p in map(demo_utils.file_palette, used_files) if p is not None), None)
     palette = palette or next((e["palette"] for e in editor_ids if e and e.get("palette")), None)
-    multiclass = len(ids) > 1
-    masks = labels if multiclass else [(m > 0) & (m < demo_utils.IGNORE) for m in labels]
-    key = demo_utils.support_key(images, masks, _PIPE.config.processing_resolution)
-    examples, note = session.examples, ""
-    if examples is None or examples.key != key:  # new examples: a new set (the corrections added to the old one go)
-        if examples is not None and examples.num_shots > examples.num_given:
-            dropped = examples.num_shots - examples.num_given
-            note = (f" The examples above changed, so a new example set starts from them: the {dropped} example"
-                    f"{'s' if dropped != 1 else ''} added from corrected results {'were' if dropped != 1 else 'was'} "
-                    "left out.")
-        demo_utils.check_support_set(images, masks, MAX_SHOTS)
-        examples = demo_utils.ExampleSet(
-            images=images, masks=masks, names=[f"example_{i}" for i in range(1, len(images) + 1)],
-            num_given=len(images), multiclass=multiclass, key=key, support=None, palette=palette,
-        )
-    result, status = _segment(examples.images, examples.masks, queries, threshold_mode, threshold, examples.support,
-                              multiclass)
+    return [s[0] for s in supports], [np.asarray(s[1], np.uint8) for s in supports], palette
+
+
+def _example_set(examples, images, labels, palette):
+    """The example set a Segment uses: the session's `examples` when the editors hold the same shots (or none);
+    else a new set of the editors' shots that keeps the shots `examples` holds beyond its editors' ones (added from
+    corrected results, or opened). Returns (the set, a note for the status line)."""
+    if not images:
+        if examples is None:
+            raise InputError("Add at least one example image (upload it above) and paint the object in it.")
+        return examples, ""
+    key = demo_utils.support_key(images, labels, _PIPE.config.processing_resolution)
+    if examples is not None and examples.key == key:
+        return examples, ""
+    new = demo_utils.build_set(images, labels, MAX_SHOTS, key, palette, kept=examples)
+    if examples is None or not examples.num_kept:
+        return new, ""
+    kept = examples.num_kept
+    return new, (f" The examples above changed: the set now holds them and still the {kept} example"
+                 f"{'s' if kept != 1 else ''} added from corrected results or opened before.")
+
+
+def _page_segment(session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names):
+    """The Segment button: the editors' examples (see `_example_set`) segment the gallery's images; an image whose
+    mask the person confirmed keeps it (and a confirmed image left out of the gallery stays in the results).
+    Returns (session, overlays, heatmaps, mask files, status)."""
+    session = session or demo_utils.Session()
+    queries, names, files = _read_queries(query_items, session=session)
+    _check_request(queries, threshold_mode, threshold)
+    examples, note = _example_set(session.examples, *_editor_supports(editor_ids, editors, mask_files))
+    confirmed = {}
+    if session.result is not None:
+        queries, names, files, confirmed = session.carry_confirmed(queries, names, files)
+    positions = [i for i in range(len(queries)) if i not in confirmed]
+    predicted, status = None, f"All {len(queries)} images have confirmed masks: nothing to predict."
+    if positions:
+        predicted, status = _segment(examples.images, examples.masks, [queries[i] for i in positions],
+                                     threshold_mode, threshold, examples.support, examples.multiclass)
+        examples.support = predicted.support
+    elif examples.support is None:
+        examples.support, _ = _on_device(demo_utils.encode_set, examples.images, examples.masks, examples.multiclass)
+    if confirmed and positions:
+        status += f" Kept the confirmed mask{'s' if len(confirmed) != 1 else ''} of {len(confirmed)} image" \
+                  f"{'s' if len(confirmed) != 1 else ''}."
+    ids = (predicted.class_ids if predicted else demo_utils.class_ids_of(examples)) if examples.multiclass else None
+    session.result = demo_utils.combine(len(queries), predicted, positions, confirmed, examples.support, ids)
+    session.examples, session.editing, session.saved = examples, None, False
+    session.queries, session.names, session.files = queries, names, files
+    session.confirmed = [i in confirmed for i in range(len(queries))]
+    session.class_names = demo_utils.parse_class_names(class_names, ids) if ids else {}
+    overlays, heatmaps, mask_paths = _views(session, _palette(session))
     status += note
-    examples.support = result.support
-    session.examples, session.result, session.editing = examples, result, None
-    session.queries, session.names, session.paths = queries, names, paths
-    session.class_names = demo_utils.parse_class_names(class_names, ids) if multiclass else {}
-    out_palette = _palette(session)
-    overlays, heatmaps, files = _views(session, out_palette)
-    if multiclass:
-        entries, _ = _classes(result, session.class_names, palette)
-        status += "\n\n" + demo_utils.legend_markdown(entries, result.label_maps)
-    return session, overlays, heatmaps, files, status
+    if ids:
+        entries, _ = _classes(session.result, session.class_names, examples.palette)
+        status += "\n\n" + demo_utils.legend_markdown(entries, session.result.label_maps)
+    return session, overlays, heatmaps, mask_paths, status
 
 
 @_user_errors
@@ -246,23 +318,34 @@ def segment_page(*args):
                          rest[0] if rest else None)[1:]
 
 
-def _download(session: demo_utils.Session) -> dict:
-    """The download button's update: the session's zip (`demo_utils.export_zip`), ready to click."""
-    path = demo_utils.export_zip(session, _palette(session), demo_utils.output_folder())
-    return gr.update(value=str(path), interactive=True)
+def _ready(session: demo_utils.Session) -> tuple:
+    """The outputs every change of the session gives besides its views: the example set's line, the download button
+    (ready), what a reload would lose (the page warns before leaving while it is not empty)."""
+    return demo_utils.describe_set(session.examples, MAX_SHOTS), gr.update(interactive=True), session.unsaved()
 
 
-@_user_errors
+@_page_event(message=4, count=8)
 def run_segment(session, editor_ids, *args):
-    """The page's Segment button: `segment_page`'s inputs after the session and the editors' class ids; also gives
-    the session, the example set's line and the download."""
+    """The page's Segment button: `segment_page`'s inputs after the session and the editors' class ids. Returns
+    (session, overlays, heatmaps, mask files, status, the example set's line, the download button, unsaved); a
+    mistake shows in the status alone."""
     editors, mask_files = args[:EXAMPLE_TABS], args[EXAMPLE_TABS : 2 * EXAMPLE_TABS]
     query_items, threshold_mode, threshold, class_names = args[2 * EXAMPLE_TABS :]
     session, overlays, heatmaps, files, status = _page_segment(
         session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names
     )
-    return (session, overlays, heatmaps, files, status, demo_utils.describe_set(session.examples, MAX_SHOTS),
-            _download(session))
+    return (session, overlays, heatmaps, files, status, *_ready(session))
+
+
+@_page_event(message=2, count=4, cleared={1: None})
+def download_zip(session):
+    """The Download button: the session's zip (`demo_utils.export_zip`), built now from the session's own copies of
+    its images. Returns (session, the zip for the page to download, unsaved, status: only a mistake)."""
+    if session is None or (session.result is None and session.examples is None):
+        raise InputError("Segment some images first: the download holds their masks.")
+    path = demo_utils.export_zip(session, _palette(session), demo_utils.output_folder())
+    session.saved = True
+    return session, str(path), session.unsaved(), gr.skip()
 
 
 def open_result(session, evt: gr.SelectData):
@@ -270,32 +353,45 @@ def open_result(session, evt: gr.SelectData):
     return correct_result(session, evt.index if isinstance(evt.index, int) else evt.index[0])
 
 
-@_user_errors
+def _correction(session: demo_utils.Session, index: int) -> tuple[dict, str]:
+    """Result `index` in the correction editor: (its editor value, its mask as the layer; the note above it)."""
+    ids = session.result.class_ids or [1]
+    value = demo_utils.editor_value(session.queries[index], session.result.labels(index), ids)
+    shot = session.examples.index_of(session.queries[index]) if session.confirmed[index] else None
+    state = f" (confirmed: it is {session.examples.names[shot]} of the example set)" if shot is not None else ""
+    note = (f"Correcting **{session.names[index]}**{state}: the brush adds, the eraser removes"
+            f"{' (one brush colour per class, in the legend order)' if len(ids) > 1 else ''}; "
+            "then press **Add as example**.")
+    return value, note
+
+
+@_page_event(message=3, count=4, cleared={1: None})
 def correct_result(session, index: int):
     """Result `index`'s image, with its mask (one brush colour per class) as the layer, for the correction editor.
     Returns (session, the editor value to show: see `_show`, None to clear the editor first, a note)."""
     if session is None or session.result is None:
         raise InputError("Segment some images first.")
     session.editing = index
-    ids = session.result.class_ids or [1]
-    value = demo_utils.editor_value(session.queries[index], session.result.labels(index), ids)
-    note = (f"Correcting **{session.names[index]}**: the brush adds, the eraser removes"
-            f"{' (one brush colour per class, in the legend order)' if len(ids) > 1 else ''}; "
-            "then press **Add as example**.")
+    value, note = _correction(session, index)
     return session, value, None, note
 
 
-@_user_errors
+@_page_event(message=10, count=11, cleared={8: None})
 def add_example(session, correction, threshold_mode, threshold):
     """Add as example: the corrected result becomes a shot of the session's example set (the cached support grows by
-    that shot alone) and the other images are segmented again with it."""
+    that shot alone) and a confirmed result; the images not yet confirmed are segmented again with it, and the next
+    of them opens for correction (else the editor empties). Returns the outputs of `run_segment`, then the correction
+    editor's pending value, the correction editor (cleared), its note; a mistake shows in the note alone."""
     if session is None or session.result is None or session.editing is None:
         raise InputError("Click a result first, correct its mask, then add it as an example.")
     examples, index = session.examples, session.editing
+    image, name = session.queries[index], session.names[index]
+    shot = examples.index_of(image)
+    if shot is not None:
+        raise InputError(f"{name} is already in the example set ({examples.names[shot]}): click another result.")
     if examples.num_shots >= MAX_SHOTS:
         raise InputError(f"The example set holds {examples.num_shots} examples, the most it may hold ({MAX_SHOTS}).")
     ids = session.result.class_ids or [1]
-    image = session.queries[index]
     shown, labels = demo_utils.support_from_editor(correction, examples.num_shots + 1, None, ids) or (None, None)
     if shown is None or shown.size != image.size:
         raise InputError("The correction editor does not hold the result's image: click the result again.")
@@ -306,7 +402,7 @@ def add_example(session, correction, threshold_mode, threshold):
             f"{len(ids)} classes of the example set: paint each class in its colour of the legend."
         )
     mask = labels if examples.multiclass else (labels > 0) & (labels < demo_utils.IGNORE)
-    others = [i for i in range(len(session.queries)) if i != index]
+    others = [i for i in range(len(session.queries)) if i != index and not session.confirmed[i]]
     if others:
         _check_request([session.queries[i] for i in others], threshold_mode, threshold)
     # The session changes only once the model has run: a failure leaves its example set and results as they were.
@@ -314,28 +410,41 @@ def add_example(session, correction, threshold_mode, threshold):
     again = _on_device(demo_utils.segment, [*examples.images, image], [*examples.masks, mask],
                        [session.queries[i] for i in others], threshold_mode, float(threshold), support,
                        multiclass=examples.multiclass) if others else None
-    examples.images.append(image)
-    examples.masks.append(mask)
-    examples.names.append(f"example_{examples.num_shots}")
-    examples.support, examples.last_added_seconds = support, seconds
-    result = session.result
+    examples.add(image, mask, support, seconds)
     for position, i in enumerate(others):
-        result.masks[i], result.probabilities[i] = again.masks[position], again.probabilities[position]
-        if result.label_maps is not None:
-            result.label_maps[i] = again.label_maps[position]
-            result.class_probabilities[i] = again.class_probabilities[position]
-    result.masks[index] = labels > 0
-    result.probabilities[index] = result.masks[index].astype(np.float32)
-    if result.label_maps is not None:
-        result.label_maps[index] = labels
-        result.class_probabilities[index] = np.stack([labels == k for k in result.class_ids]).astype(np.float32)
-    session.editing = None
+        session.result.take(i, again, position)
+    session.result.confirm(index, labels)
+    session.confirmed[index], session.saved = True, False
     overlays, heatmaps, files = _views(session, _palette(session))
     count = len(others)
-    status = (f"Added {session.names[index]} as example {examples.num_shots} in {seconds:.2f} s; "
-              f"segmented the other {count} image{'s' if count != 1 else ''} again with it.")
-    return (session, overlays, heatmaps, files, status, demo_utils.describe_set(examples, MAX_SHOTS),
-            _download(session), "")
+    status = (f"Added {name} as example {examples.num_shots} in {seconds:.2f} s; "
+              f"segmented the other {count} image{'s' if count != 1 else ''} not yet confirmed again with it.")
+    session.editing = session.next_to_correct(index)
+    value, note = (None, "Every result is confirmed: click one to see it again.")
+    if session.editing is not None:
+        value, note = _correction(session, session.editing)
+    return (session, overlays, heatmaps, files, status, *_ready(session), value, None, note)
+
+
+@_page_event(message=3, count=6)
+def open_saved_set(session, path):
+    """Open a saved set: a zip this page downloaded (or any zip of NAME.png + NAME_mask.png pairs) becomes the
+    session's example set, encoded once. Returns (session, the example set's line, the class names text, a note,
+    the download button, unsaved); a mistake shows in the note alone."""
+    if path is None:
+        return (gr.skip(),) * 6
+    saved = demo_utils.read_saved_set(path)
+    examples = demo_utils.build_set(saved.images, saved.labels, MAX_SHOTS, palette=saved.palette,
+                                    names=saved.names, opened=Path(path).name)
+    examples.support, seconds = _on_device(demo_utils.encode_set, examples.images, examples.masks,
+                                           examples.multiclass)
+    session = session or demo_utils.Session()
+    session.examples = examples
+    names = ", ".join(f"{k}: {n}" for k, n in sorted(saved.class_names.items()))
+    note = (f"Opened {Path(path).name}: {examples.num_shots} example{'s' if examples.num_shots != 1 else ''}, "
+            f"encoded in {seconds:.2f} s. Drop in images and press **Segment**.")
+    set_line, download, unsaved = _ready(session)
+    return session, set_line, names or gr.skip(), note, download, unsaved
 
 
 @_user_errors
@@ -357,13 +466,17 @@ def check_mask_file(editor_value, path, number: int):
     return labels
 
 
-@_user_errors
 def load_mask_file(editor_value, path, editor_ids, number: int):
     """A mask file uploaded for an example: it becomes the editor's painted layer (one brush colour per class), to be
-    edited like strokes. Returns (pending editor value, cleared editor, cleared file, editor class ids)."""
-    labels = check_mask_file(editor_value, path, number)
+    edited like strokes. Returns (pending editor value, cleared editor, cleared file, editor class ids). A mistake is
+    one warning, and the tab stays as it was."""
+    try:
+        labels = check_mask_file(editor_value, path, number)
+    except gr.Error as error:
+        gr.Warning(error.message)
+        labels = None
     if labels is None:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return None, gr.skip(), gr.skip(), gr.skip()
     ids = demo_utils.class_ids(labels)
     editor_ids = list(editor_ids or [None] * EXAMPLE_TABS)
     editor_ids[number - 1] = {"ids": ids, "palette": demo_utils.file_palette(path)}
@@ -393,8 +506,8 @@ def _example_values(example: dict) -> list:
 
 def _show(pending):
     """The second step of showing values in editors: the editors were cleared by the first step (so each places its
-    layer over its image, see `demo_utils.editor_value`), now they get `pending`."""
-    return pending
+    layer over its image, see `demo_utils.editor_value`), now they get `pending` (None: they stay as they are)."""
+    return gr.skip() if pending is None else pending
 
 
 def _file_endpoint(fn, api_name: str, defaults: dict, extra_inputs: list[tuple], outputs: list[tuple]) -> None:
@@ -555,8 +668,14 @@ def build_demo(pipe) -> gr.Blocks:
                 button = gr.Button("Segment", variant="primary", elem_id="segment-button")
                 status = gr.Markdown(elem_id="status")
                 example_set = gr.Markdown(demo_utils.describe_set(None, MAX_SHOTS), elem_id="example-set")
-                download = gr.DownloadButton("Download masks, examples and COCO (zip)", interactive=False,
-                                             elem_id="download")
+                with gr.Row():
+                    download = gr.Button("Download masks, examples and COCO (zip)", interactive=False,
+                                         elem_id="download")
+                    open_set = gr.File(label="Open a saved set (a zip this page downloaded)", file_types=[".zip"],
+                                       height=90, elem_id="open-set")
+                open_note = gr.Markdown(elem_id="open-set-note")
+                download_file = gr.File(visible="hidden", elem_id="download-file")
+                unsaved = gr.Textbox(visible="hidden", elem_id="unsaved")  # not empty: warn before leaving the page
         sets = _examples()
         if sets:
             dataset = gr.Dataset(
@@ -600,7 +719,7 @@ def build_demo(pipe) -> gr.Blocks:
                 api_visibility="private",
             ).then(lambda values: values, pending, editors, api_visibility="private")
 
-        page_outputs = [session, overlays, heatmaps, results, status, example_set, download]
+        page_outputs = [session, overlays, heatmaps, results, status, example_set, download, unsaved]
         button.click(
             run_segment,
             [session, editor_ids, *editors, *mask_files, queries, mode, threshold, class_names],
@@ -611,8 +730,15 @@ def build_demo(pipe) -> gr.Blocks:
         )
         overlays.select(open_result, session, [session, pending, correction, correction_note],
                         api_visibility="private").then(_show, pending, correction, api_visibility="private")
-        add_button.click(add_example, [session, correction, mode, threshold], [*page_outputs, correction_note],
-                         api_visibility="private", concurrency_limit=1, concurrency_id="gpu")
+        add_button.click(add_example, [session, correction, mode, threshold],
+                         [*page_outputs, pending, correction, correction_note], api_visibility="private",
+                         concurrency_limit=1, concurrency_id="gpu").then(_show, pending, correction,
+                                                                         api_visibility="private")
+        download.click(download_zip, session, [session, download_file, unsaved, status], api_visibility="private",
+                       ).then(None, download_file, None, js=DOWNLOAD_JS)
+        open_set.upload(open_saved_set, [session, open_set], [session, example_set, class_names, open_note, download,
+                                                              unsaved],
+                        api_visibility="private", concurrency_limit=1, concurrency_id="gpu")
 
         _file_endpoint(segment, "segment", defaults, [],
                        [("files", "masks"), ("files", "probabilities"), ("text", "status")])
@@ -632,8 +758,8 @@ def _forget_ids(editor_ids, number: int):
 
 
 def launch(demo: gr.Blocks, **kwargs):
-    """`demo.launch` with the page's theme and CSS."""
-    return demo.launch(theme=gr.themes.Soft(), css=CSS, **kwargs)
+    """`demo.launch` with the page's theme, CSS and script (`PAGE_JS`)."""
+    return demo.launch(theme=gr.themes.Soft(), css=CSS, js=PAGE_JS, **kwargs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,6 +28,7 @@ import torch
 from pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSSupport, load_mask
 from pipeline_diffews.coco import COCO_FILE, category_name, coco_dataset
 from pipeline_diffews.image_processor_diffews import IGNORE_INDEX
+from pipeline_diffews.inputs import MASK_SUFFIX, find_support_pairs
 from pipeline_diffews.writers import border, mask_to_image, overlay_classes
 
 # The brush colours of the editors: colour k - 1 paints class k. The first is the one-class colour (magenta: far from
@@ -41,6 +42,7 @@ IGNORE = IGNORE_INDEX  # label value of pixels that are neither background nor a
 # largest canvas it has shown since it was last cleared, so a layer is given at least this size (`editor_value`).
 EDITOR_CANVAS = (64, 64)
 OUTPUT_MAX_AGE_S = 3600  # result files older than this are deleted
+MAX_SAVED_SET_BYTES = 512 << 20  # the most an opened saved set may hold, uncompressed
 
 
 class InputError(ValueError):
@@ -242,13 +244,24 @@ def check_support_set(images: list[PIL.Image.Image], masks: list[np.ndarray], ma
 # ---------------------------------------------------------------------------------------------- the model
 
 
+def _update_with_pixels(digest, image: PIL.Image.Image) -> None:
+    pixels = np.asarray(image.convert("RGB"))
+    digest.update(repr(pixels.shape).encode())
+    digest.update(pixels.tobytes())
+
+
+def image_digest(image: PIL.Image.Image) -> str:
+    """A digest of an image's RGB pixels: the same picture uploaded again (under any name) has the same digest."""
+    digest = hashlib.sha256()
+    _update_with_pixels(digest, image)
+    return digest.hexdigest()
+
+
 def support_key(images: list[PIL.Image.Image], masks: list[np.ndarray], resolution: int) -> str:
     """A digest of the support pixels, masks and processing resolution (the key of a cached support)."""
     digest = hashlib.sha256(f"{resolution}".encode())
     for image, mask in zip(images, masks):
-        pixels = np.asarray(image.convert("RGB"))
-        digest.update(repr(pixels.shape).encode())
-        digest.update(pixels.tobytes())
+        _update_with_pixels(digest, image)
         digest.update(np.packbits(mask).tobytes() if mask.dtype == bool else b"labels" + mask.tobytes())
     return digest.hexdigest()
 
@@ -302,6 +315,58 @@ class Segmentation:
             return self.label_maps[index]
         return self.masks[index].astype(np.uint8)
 
+    def take(self, index: int, other: Segmentation, position: int) -> None:
+        """Query `index`'s result becomes `other`'s result of its query `position`."""
+        self.masks[index], self.probabilities[index] = other.masks[position], other.probabilities[position]
+        if self.label_maps is not None:
+            self.label_maps[index] = other.label_maps[position]
+            self.class_probabilities[index] = other.class_probabilities[position]
+
+    def confirm(self, index: int, labels: np.ndarray) -> None:
+        """Query `index`'s result becomes `labels` (uint8 label map or bool mask [H, W]), certain: its probabilities
+        are its mask (per class: its class's pixels)."""
+        labels = np.asarray(labels).astype(np.uint8)
+        self.masks[index] = (labels > 0) & (labels < IGNORE)
+        self.probabilities[index] = self.masks[index].astype(np.float32)
+        if self.label_maps is not None:
+            self.label_maps[index] = labels
+            self.class_probabilities[index] = np.stack([labels == k for k in self.class_ids]).astype(np.float32)
+
+
+def combine(
+    count: int,
+    predicted: Segmentation | None,
+    positions: list[int],
+    confirmed: dict[int, np.ndarray],
+    support: DiffewSSupport,
+    class_ids: list[int] | None,
+) -> Segmentation:
+    """One result for `count` queries: query `positions[j]` gets `predicted`'s result j, query i of `confirmed` its
+    confirmed labels. class_ids: the classes of a several-class result (None: one class)."""
+    several = class_ids is not None
+    result = Segmentation(
+        masks=[None] * count, probabilities=[None] * count, support=support,
+        support_seconds=predicted.support_seconds if predicted else 0.0,
+        query_seconds=predicted.query_seconds if predicted else 0.0,
+        label_maps=[None] * count if several else None, class_probabilities=[None] * count if several else None,
+        class_ids=list(class_ids) if several else None,
+    )
+    for position, index in enumerate(positions):
+        result.take(index, predicted, position)
+    for index, labels in confirmed.items():
+        result.confirm(index, labels)
+    return result
+
+
+def encode_set(
+    pipe: DiffewSPipeline, images: list[PIL.Image.Image], masks: list[np.ndarray], multiclass: bool
+) -> tuple[DiffewSSupport, float]:
+    """The supports encoded once, on the CPU (to be kept between requests, and between GPU leases on Spaces).
+    Returns (support, seconds it took)."""
+    start = time.perf_counter()
+    support = pipe.encode_support(images, masks, multiclass=multiclass).to("cpu")
+    return support, time.perf_counter() - start
+
 
 def segment(
     pipe: DiffewSPipeline,
@@ -319,12 +384,9 @@ def segment(
     1..254 = classes, 255 = ignored), each class segmented on its own.
     The returned support lives on the CPU, so it can be kept between requests (and between GPU leases on Spaces).
     """
-    start = time.perf_counter()
+    support_seconds = 0.0
     if support is None:
-        support = pipe.encode_support(support_images, support_masks, multiclass=multiclass).to("cpu")
-        support_seconds = time.perf_counter() - start
-    else:
-        support_seconds = 0.0
+        support, support_seconds = encode_set(pipe, support_images, support_masks, multiclass)
     start = time.perf_counter()
     out = pipe(queries, support=support, threshold_mode=threshold_mode, threshold=threshold, output_type="np")
     several = getattr(out, "label_maps", None) is not None
@@ -357,12 +419,14 @@ def extend_support(
 class ExampleSet:
     """The examples (shots) of one browser session and their encoding.
 
-    images: RGB shots, in order: those of the example editors, then the corrected results added as examples.
-    masks: per shot, bool [H, W] (one class) or, with `multiclass`, a uint8 label map.
-    names: per shot, the file stem it is exported under. num_given: how many shots came from the editors (the
-    first ones). key: the `support_key` of those shots.
-    support: all shots encoded (CPU). palette: a mask file's palette, for the output colours (or None).
-    last_added_seconds: what adding the last shot cost (None before any was added).
+    images: RGB shots, in order: those of the example editors, then the kept ones (corrected results added as
+    examples, and the shots of an opened saved set). masks: per shot, bool [H, W] (one class) or, with `multiclass`,
+    a uint8 label map. names: per shot, the file stem it is exported under. num_given: how many shots came from the
+    editors (the first ones). key: the `support_key` of those shots (None when none did).
+    support: all shots encoded (CPU; None until the set is first used). palette: a mask file's palette, for the
+    output colours (or None). last_added_seconds: what adding the last shot cost (None before any was added).
+    opened: the file name of the saved set it was opened from (or None). num_added: the shots added from corrected
+    results.
     """
 
     images: list[PIL.Image.Image]
@@ -370,28 +434,129 @@ class ExampleSet:
     names: list[str]
     num_given: int
     multiclass: bool
-    key: str
-    support: DiffewSSupport
+    key: str | None
+    support: DiffewSSupport | None
     palette: list[int] | None = None
     last_added_seconds: float | None = None
+    opened: str | None = None
+    num_added: int = 0
 
     @property
     def num_shots(self) -> int:
         return len(self.images)
 
+    @property
+    def num_kept(self) -> int:
+        """The shots that did not come from the editors."""
+        return self.num_shots - self.num_given
+
+    def index_of(self, image: PIL.Image.Image) -> int | None:
+        """The position of the shot showing `image` (the same pixels), else None."""
+        digest = image_digest(image)
+        return next((i for i, shot in enumerate(self.images) if image_digest(shot) == digest), None)
+
+    def add(self, image: PIL.Image.Image, mask: np.ndarray, support: DiffewSSupport, seconds: float) -> None:
+        """One more shot (a confirmed result), with the support already grown by it in `seconds`."""
+        number = self.num_shots + 1
+        while f"example_{number}" in self.names:
+            number += 1
+        self.images.append(image)
+        self.masks.append(mask)
+        self.names.append(f"example_{number}")
+        self.support, self.last_added_seconds = support, seconds
+        self.num_added += 1
+
+
+def set_masks(labels: list[np.ndarray]) -> tuple[list[np.ndarray], bool]:
+    """The shots' label maps (uint8, or bool masks) -> (the set's masks, multiclass): uint8 label maps when the shots
+    mark several classes together, else bool masks."""
+    labels = [np.asarray(m).astype(np.uint8) for m in labels]
+    multiclass = len({k for m in labels for k in class_ids(m)}) > 1
+    return (labels if multiclass else [(m > 0) & (m < IGNORE) for m in labels]), multiclass
+
+
+def build_set(
+    images: list[PIL.Image.Image],
+    labels: list[np.ndarray],
+    max_shots: int,
+    key: str | None = None,
+    palette: list[int] | None = None,
+    kept: ExampleSet | None = None,
+    names: list[str] | None = None,
+    opened: str | None = None,
+) -> ExampleSet:
+    """A checked example set (`check_support_set`, not yet encoded): the shots `images`, `labels` (uint8 label maps or
+    bool masks), then the shots `kept` holds beyond its editors' ones. key: the `support_key` of `images` when they
+    come from the editors, None when they do not (an opened saved set).
+    names: the shots' file stems (default `example_1`, `example_2`, ...; kept shots keep theirs)."""
+    kept_images = kept.images[kept.num_given :] if kept else []
+    kept_masks = kept.masks[kept.num_given :] if kept else []
+    kept_names = kept.names[kept.num_given :] if kept else []
+    names = names or [f"example_{i}" for i in range(1, len(images) + 1)]
+    masks, multiclass = set_masks([*labels, *kept_masks])
+    all_images = [*images, *kept_images]
+    check_support_set(all_images, masks, max_shots)
+    return ExampleSet(
+        images=all_images, masks=masks, names=unique_stems([*names, *kept_names]),
+        num_given=len(images) if key is not None else 0,
+        multiclass=multiclass, key=key, support=None, palette=palette or (kept.palette if kept else None),
+        opened=opened or (kept.opened if kept else None), num_added=kept.num_added if kept else 0,
+    )
+
 
 @dataclasses.dataclass
 class Session:
-    """What one browser session holds between clicks (a gr.State): its example set, the images it segmented (RGB,
-    file names, file paths), their results, the class names, and which result is open for correction."""
+    """What one browser session holds between clicks (a gr.State): its example set; the images it segmented (RGB,
+    file names, and each file's bytes as uploaded: the session's own copy, readable as long as the session lives),
+    their results and which of them the person confirmed; the class names; which result is open for correction;
+    whether everything was downloaded since the last change."""
 
     examples: ExampleSet | None = None
     queries: list[PIL.Image.Image] = dataclasses.field(default_factory=list)
     names: list[str] = dataclasses.field(default_factory=list)
-    paths: list[str] = dataclasses.field(default_factory=list)
+    files: list[bytes] = dataclasses.field(default_factory=list)
     result: Segmentation | None = None
+    confirmed: list[bool] = dataclasses.field(default_factory=list)
     class_names: dict[int, str] = dataclasses.field(default_factory=dict)
     editing: int | None = None
+    saved: bool = True
+
+    def stored(self, name: str) -> tuple[PIL.Image.Image, bytes] | None:
+        """The session's own copy (RGB image, file bytes) of the image it segmented under file name `name`."""
+        return next(((q, f) for q, n, f in zip(self.queries, self.names, self.files) if n == name), None)
+
+    def carry_confirmed(
+        self, queries: list[PIL.Image.Image], names: list[str], files: list[bytes]
+    ) -> tuple[list[PIL.Image.Image], list[str], list[bytes], dict[int, np.ndarray]]:
+        """The images of a new request: `queries` (with their file names and bytes), then the confirmed images of
+        the session they do not show. Returns those lists and, per position of a confirmed image (the same pixels),
+        its confirmed labels (uint8)."""
+        kept = {
+            image_digest(q): (q, n, f, self.result.labels(i))
+            for i, (q, n, f) in enumerate(zip(self.queries, self.names, self.files)) if self.confirmed[i]
+        }
+        queries, names, files, confirmed = list(queries), list(names), list(files), {}
+        for index, query in enumerate(list(queries)):
+            entry = kept.pop(image_digest(query), None)
+            if entry is not None:
+                confirmed[index] = entry[3]
+        for query, name, data, labels in kept.values():
+            confirmed[len(queries)] = labels
+            queries.append(query)
+            names.append(name)
+            files.append(data)
+        return queries, names, files, confirmed
+
+    def next_to_correct(self, after: int) -> int | None:
+        """The first result after `after` (going round) that is not confirmed, else None."""
+        count = len(self.queries)
+        return next((i % count for i in range(after + 1, after + count) if not self.confirmed[i % count]), None)
+
+    def unsaved(self) -> str:
+        """What a reload would lose, in one sentence ("" when everything was downloaded)."""
+        if self.saved or (self.result is None and self.examples is None):
+            return ""
+        return "The masks and examples of this page were not downloaded."
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -508,36 +673,65 @@ def mask_file_image(labels: np.ndarray, multiclass: bool, palette: list[int]) ->
     return mask_to_image(np.asarray(labels) > 0)
 
 
+def save_masks(names: list[str], labels: list[np.ndarray], multiclass: bool, palette: list[int], folder: Path) -> list[str]:
+    """Writes each result as the download holds it (`mask_files`): `<folder>/masks/<stem>.png`. Returns the paths."""
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in mask_files(names, labels, multiclass, palette):
+        (folder / name).write_bytes(data)
+        paths.append(str(folder / name))
+    return paths
+
+
+def mask_files(names: list[str], labels: list[np.ndarray], multiclass: bool, palette: list[int]):
+    """(`masks/<stem>.png`, PNG bytes) per result: the file name of its image's stem (made unique), the mask at the
+    image's size (`mask_file_image`). The page's mask list and the download name and hold the same files."""
+    for file_name, result in zip(unique_names(names), labels):
+        yield f"masks/{Path(file_name).stem}.png", _png(mask_file_image(result, multiclass, palette))
+
+
 def export_zip(session: Session, palette: list[int], folder: Path) -> Path:
     """Everything the session made, as one zip `diffews_masks.zip` in `folder`:
 
     - `masks/<query stem>.png`: each result at its image's size (binary L 0/255, or an index PNG for several classes);
-    - `images/<query file>`: the images segmented, as they were uploaded;
+    - `images/<query file>`: the images segmented, as they were uploaded (the session's own copies);
     - `examples/<name>.png` + `examples/<name>_mask.png`: the example set (the layout `diffews segment --support-dir`
-      reads);
+      reads, and the demo opens again);
     - `annotations.json`: the results in COCO format (`pipeline_diffews.coco.coco_dataset`; file names are those under
-      `images/`, categories named from the class names).
+      `images/`, categories named from the class names), each image and annotation saying whether its mask was
+      confirmed by the person or predicted (`mark_confirmed`).
     """
     result, examples = session.result, session.examples
-    if result is None or examples is None:
+    if result is None and examples is None:
         raise InputError("Segment some images first: the download holds their masks.")
     multiclass = examples.multiclass
     path = folder / "diffews_masks.zip"
     file_names = [Path(n).name for n in unique_names(session.names)]
-    entries = []
+    labels = [result.labels(i) for i in range(len(file_names))] if result else []
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for index, (file_name, source) in enumerate(zip(file_names, session.paths)):
-            labels = result.labels(index)
-            archive.writestr(f"masks/{Path(file_name).stem}.png", _png(mask_file_image(labels, multiclass, palette)))
-            archive.write(source, f"images/{file_name}")
-            entries.append((file_name, labels))
+        for name, data in mask_files(session.names, labels, multiclass, palette):
+            archive.writestr(name, data)
+        for file_name, data in zip(file_names, session.files):
+            archive.writestr(f"images/{file_name}", data)
         for name, image, mask in zip(examples.names, examples.images, examples.masks):
             archive.writestr(f"examples/{name}.png", _png(image))
             archive.writestr(f"examples/{name}_mask.png", _png(mask_file_image(mask, multiclass, palette)))
-        ids = sorted({k for _, labels in entries for k in class_ids(labels)} | set(class_ids_of(examples)))
+        entries = list(zip(file_names, labels))
+        ids = sorted({k for mask in labels for k in class_ids(mask)} | set(class_ids_of(examples)))
         categories = [(k, category_name(k, session.class_names.get(k), multiclass)) for k in ids]
-        archive.writestr(COCO_FILE, json.dumps(coco_dataset(entries, categories)))
+        dataset = mark_confirmed(coco_dataset(entries, categories), session.confirmed)
+        archive.writestr(COCO_FILE, json.dumps(dataset))
     return path
+
+
+def mark_confirmed(dataset: dict, confirmed: list[bool]) -> dict:
+    """A COCO dataset of the session's images (ids 1, 2, ... in order) with `"confirmed": true` on each image whose
+    mask the person confirmed (false: predicted), and the same in each of its annotations' `attributes`."""
+    for image in dataset["images"]:
+        image["confirmed"] = bool(confirmed[image["id"] - 1])
+    for annotation in dataset["annotations"]:
+        annotation.setdefault("attributes", {})["confirmed"] = bool(confirmed[annotation["image_id"] - 1])
+    return dataset
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -554,6 +748,75 @@ def _png(image: PIL.Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- saved sets
+
+
+@dataclasses.dataclass
+class SavedSet:
+    """An example set read back from a zip: RGB images, uint8 label maps (one class: 1 = the object), file stems, the
+    first palette mask's palette (or None), the class names its COCO file gives ({id: name})."""
+
+    images: list[PIL.Image.Image]
+    labels: list[np.ndarray]
+    names: list[str]
+    palette: list[int] | None
+    class_names: dict[int, str]
+
+
+def read_saved_set(path: str | Path) -> SavedSet:
+    """The example set of a zip the demo downloaded (its `examples/`), or of any zip of `NAME.png` + `NAME_mask.png`
+    pairs in one folder (`pipeline_diffews.inputs.find_support_pairs`, as `diffews segment --support-dir` reads).
+    Raises InputError naming the zip for anything else."""
+    name = Path(path).name
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise InputError(f"{name} is not a zip file: open a zip this page downloaded, or one of NAME.png + "
+                         f"NAME{MASK_SUFFIX}.png pairs.") from error
+    with archive, tempfile.TemporaryDirectory() as temporary:
+        if sum(member.file_size for member in archive.infolist()) > MAX_SAVED_SET_BYTES:
+            raise InputError(f"{name} holds more than {MAX_SAVED_SET_BYTES >> 20} MB: open an example set alone.")
+        archive.extractall(temporary)
+        folder = _pairs_folder(Path(temporary), name)
+        try:
+            pairs = find_support_pairs(folder)
+        except ValueError as error:
+            where = name if folder == Path(temporary) else f"{name} ({folder.relative_to(temporary)})"
+            raise InputError(str(error).replace(f"--support-dir {folder}", where)) from None
+        images, labels = [], []
+        for image_path, mask_path in pairs:
+            images.append(to_rgb(open_image(image_path, f"{name}: {image_path.name}")))
+            labels.append(read_label_map(mask_path, images[-1].size, f"{name}: {mask_path.name}"))
+        palette = next((p for p in (file_palette(mask) for _, mask in pairs) if p is not None), None)
+        return SavedSet(images, labels, [image.stem for image, _ in pairs], palette,
+                        _category_names(Path(temporary) / COCO_FILE))
+
+
+def _pairs_folder(root: Path, name: str) -> Path:
+    """The folder of an extracted zip that holds its example pairs: `examples/` (as the demo downloads it), else the
+    one folder with `NAME_mask.*` files."""
+    if (root / "examples").is_dir():
+        return root / "examples"
+    folders = sorted({p.parent for p in root.rglob(f"*{MASK_SUFFIX}.*") if "__MACOSX" not in p.parts})
+    if len(folders) != 1:
+        found = "no" if not folders else f"{len(folders)} folders of"
+        raise InputError(f"{name} has {found} example pairs: open a zip this page downloaded, or one folder of "
+                         f"NAME.png + NAME{MASK_SUFFIX}.png pairs.")
+    return folders[0]
+
+
+def _category_names(path: Path) -> dict[int, str]:
+    """{class id: name} of the categories a COCO file names otherwise than by default (`category_name`)."""
+    if not path.is_file():
+        return {}
+    try:
+        categories = json.loads(path.read_text()).get("categories", [])
+    except (ValueError, AttributeError):
+        return {}
+    defaults = {category_name(c.get("id", 0), None, multiclass) for c in categories for multiclass in (False, True)}
+    return {int(c["id"]): str(c["name"]) for c in categories if c.get("name") and c["name"] not in defaults}
 
 
 # ---------------------------------------------------------------------------------------------- classes and text
@@ -655,11 +918,12 @@ def describe_set(examples: ExampleSet | None, max_shots: int) -> str:
     adding the last one cost."""
     if examples is None:
         return f"Example set: empty (up to {max_shots} examples)."
-    added = examples.num_shots - examples.num_given
+    cached = examples.support.num_shots if examples.support is not None else 0
+    opened = f"opened from {examples.opened}; " if examples.opened else ""
     text = (
         f"Example set: **{examples.num_shots}** example{'s' if examples.num_shots != 1 else ''} "
-        f"(up to {max_shots}; {added} added from corrected results), "
-        f"{examples.support.num_shots} shot{'s' if examples.support.num_shots != 1 else ''} cached."
+        f"(up to {max_shots}; {opened}{examples.num_added} added from corrected results), "
+        f"{cached} shot{'s' if cached != 1 else ''} cached."
     )
     if examples.last_added_seconds is not None:
         text += f" Adding the last one took {examples.last_added_seconds:.2f} s (its support pass only)."
