@@ -5,6 +5,8 @@ For an input at relative path `a/b.jpg` under `--output OUT`:
                                          index PNG of class ids with the support's palette, named in OUT/classes.json)
     overlay     OUT/overlays/a/b.png    (with --overlay: the object tinted and outlined)
     COCO        OUT/annotations.json    (with --format coco: every still image's masks, `coco.coco_dataset`)
+                OUT/annotations_polygons.json  (with --format coco-polygons: the same as polygons)
+    YOLO        OUT/yolo/images/a/b.jpg, OUT/yolo/labels/a/b.txt, OUT/yolo/data.yaml  (with --format yolo)
 For a video `a/clip.mp4`:
     mask frames OUT/a/clip/000000.png, 000001.png, ...
     mask video  OUT/a/clip.mp4

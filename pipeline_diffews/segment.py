@@ -65,9 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read every mask as a label map of class ids, even one the rule above reads as a binary "
                              "mask (a single class 1, or ids from 128 on)")
     parser.add_argument("--classes", type=_class_names, default=None, metavar="NAMES",
-                        help="names of the classes, for OUTPUT/classes.json and --format coco: 'road,car,person' names "
-                             "ids 1, 2, 3; '2=car,7=person' names chosen ids; with binary masks one name, the "
-                             "object's")
+                        help="names of the classes, for OUTPUT/classes.json and the annotations of --format: "
+                             "'road,car,person' names ids 1, 2, 3; '2=car,7=person' names chosen ids; with binary "
+                             "masks one name, the object's")
     parser.add_argument("--format", choices=("png", *ANNOTATION_FORMATS), default="png",
                         help="png: a mask PNG per image (default). Also the still images' annotations (video frames "
                              "are not listed): coco: OUTPUT/annotations.json, a COCO dataset (RLE masks, one "
