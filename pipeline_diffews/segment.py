@@ -94,6 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processing-resolution", type=_positive_int, default=None,
                         help="square size the model sees (default: the model's, its config's "
                              "`processing_resolution`)")
+    parser.add_argument("--support-token-sampling", action="store_true",
+                        help="sample the examples' keys/values of each layer down to one example's token count (the "
+                             "paper's inference with more examples than training had; random, seeded by --seed)")
+    parser.add_argument("--num-inference-steps", type=_positive_int, default=None,
+                        help="steps of a multi-step model (mi2m, mn2m designs; default: the model's)")
+    parser.add_argument("--ensemble-size", type=_positive_int, default=None,
+                        help="mn2m design: predictions per image, combined (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of --support-token-sampling and of a noise-to-mask model's noise (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -197,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         return _usage_error(state, name_support_files(error, pairs))
     call = {"support": support, "processing_resolution": support.processing_resolution, "threshold": args.threshold,
-            "threshold_mode": args.threshold_mode, "output_type": "np"}
+            "threshold_mode": args.threshold_mode, "output_type": "np", **sampling_options(args, pipe)}
     classes = f", {len(support.class_ids)} class(es)" if support.class_ids is not None else ""
     threshold = pipe.config.threshold if args.threshold is None else args.threshold
     say(f"Model {model} on {device} ({args.dtype}), {len(support_images)} shot(s){classes}, "
@@ -228,6 +237,19 @@ def run(args: argparse.Namespace) -> int:
         for name, reason in totals.failures:
             print(f"  {name}: {reason}", file=sys.stderr)
     return EXIT_SOME_FAILED if totals.failures else EXIT_OK
+
+
+def sampling_options(args: argparse.Namespace, pipe) -> dict:
+    """The pipeline arguments of --support-token-sampling, --num-inference-steps and --ensemble-size (those given),
+    with a generator seeded by --seed when any is given or the model generates in several steps (also used by
+    `train/evaluate.py`, whose options have the same names)."""
+    options = {"num_inference_steps": args.num_inference_steps, "ensemble_size": args.ensemble_size}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.support_token_sampling:
+        options["support_token_sampling"] = True
+    if options or getattr(getattr(pipe, "design", None), "generation", "oi2m") != "oi2m":
+        options["generator"] = torch.Generator().manual_seed(args.seed)
+    return options
 
 
 def _silent(*args, **kwargs) -> None:

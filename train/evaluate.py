@@ -12,6 +12,11 @@ and foreground IoU (x100). Masks by the pipeline's rule (default: the authors' 8
 the ground truth nearest-resized, as the paper, or at each image's own size with `--resolution original`.
 See docs/evaluation.md.
 
+Every design of the paper's design space is scored the same way (the saved pipeline runs its own design).
+`--support-token-sampling` samples the shots' keys/values of each layer down to one shot's token count (the paper's
+one-to-N-shots inference, seeded by --seed); `--num-inference-steps` / `--ensemble-size` set the multi-step designs'
+sampling (default: the pipeline's).
+
 `--multiclass` scores label maps instead (one process): each episode is a query and `--shots` supports with label maps
 of the fold's test classes, all segmented in one call; semantic segmentation's mIoU pooled over the queries, and the
 seconds per query of one K-class call against K one-class calls. See docs/multiclass_camvid.md.
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline_diffews import DiffewSImageProcessor, ModelNotFoundError, load_pipeline, resolve_model  # noqa: E402
 from pipeline_diffews.official import OFFICIAL_MODELS  # noqa: E402
+from pipeline_diffews.segment import sampling_options  # noqa: E402
 from train.data import SOURCES, EvaluationEpisodes, MulticlassEpisodes, build_source, collate_episodes  # noqa: E402
 from train.data.episodes import PROTOCOLS, EpisodeSpec  # noqa: E402
 from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
@@ -83,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="Default: the pipeline's (8bit: the authors' rule, the decoded map truncated to 8 bits before the "
            "threshold). full: threshold the full-precision map.")
     a("--batch-size", type=int, default=1, help="Episodes per UNet call.")
+    a("--support-token-sampling", action="store_true",
+      help="Sample the shots' keys/values of each layer down to one shot's token count (random, seeded by --seed): "
+           "the paper's inference with more shots than training had.")
+    a("--num-inference-steps", type=int, default=None,
+      help="Steps of the multi-step designs (mi2m, mn2m; default: the pipeline's).")
+    a("--ensemble-size", type=int, default=None, help="mn2m: predictions per query, combined (default: the pipeline's).")
     a("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
       help="Default: float16 on GPU, else float32.")
     a("--num-workers", type=int, default=2, help="Data loader workers per process.")
@@ -102,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--data-root is required for --dataset {args.dataset}")
     if args.shots < 1 or (args.episodes is not None and args.episodes < 1) or args.batch_size < 1:
         p.error("--shots, --episodes and --batch-size must be >= 1")
+    for name in ("num_inference_steps", "ensemble_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.update_model_card and not (Path(args.pretrained).is_dir() or args.pretrained in OFFICIAL_MODELS):
         p.error("--update-model-card needs --pretrained to be a local pipeline folder")
     args.split = args.split or DEFAULT_SPLITS.get(args.dataset, "val")
@@ -132,13 +147,23 @@ def load_evaluated_pipeline(args: argparse.Namespace, device: torch.device):
     return load_pipeline(args.pretrained, dtype=evaluation_dtype(args, device), device=device)
 
 
-def call_options(resolution: int | str, threshold_mode=None, threshold=None, threshold_precision=None) -> dict:
+def call_options(resolution: int | str, threshold_mode=None, threshold=None, threshold_precision=None,
+                 **sampling) -> dict:
     """The pipeline arguments of a scored call: process at R x R (or the pipeline's resolution for "original", masks
-    then at each query's size), the mask rule, numpy outputs."""
+    then at each query's size), the mask rule, numpy outputs; `sampling` (`sampling_options`) as given."""
     original = resolution == "original"
     return dict(processing_resolution=None if original else resolution, match_input_resolution=original,
                 threshold_mode=threshold_mode, threshold=threshold, threshold_precision=threshold_precision,
-                output_type="np")
+                output_type="np", **sampling)
+
+
+def design_settings(args: argparse.Namespace, pipe) -> dict:
+    """What a results file records of the design and its sampling."""
+    design = getattr(pipe, "design", None)
+    return {"design": design.to_dict() if design is not None else None,
+            "support_token_sampling": bool(args.support_token_sampling),
+            "num_inference_steps": args.num_inference_steps or pipe.config.get("num_inference_steps"),
+            "ensemble_size": args.ensemble_size or pipe.config.get("ensemble_size")}
 
 
 def scored_truth(labels: np.ndarray, resolution: int | str) -> np.ndarray:
@@ -155,10 +180,10 @@ def resize_ground_truth(mask: np.ndarray, size: int) -> np.ndarray:
 
 @torch.no_grad()
 def score_episodes(pipe, loader, metric, resolution: int | str, threshold_mode=None, threshold=None, progress=True,
-                   threshold_precision=None, scored=None):
+                   threshold_precision=None, scored=None, sampling: dict | None = None):
     """Runs the pipeline on every episode of `loader` (batches of `Episode`s) and adds each to `metric`; appends the
-    `EpisodeSpec` of each scored episode to the list `scored` when given."""
-    call = call_options(resolution, threshold_mode, threshold, threshold_precision)
+    `EpisodeSpec` of each scored episode to the list `scored` when given. `sampling`: `sampling_options`."""
+    call = call_options(resolution, threshold_mode, threshold, threshold_precision, **(sampling or {}))
     for episodes in tqdm(loader, desc="episodes", disable=not progress):
         out = pipe(
             [e.query_image for e in episodes],
@@ -202,7 +227,7 @@ def evaluate_one_class(args, accelerator, source, pipe) -> tuple[dict, list[dict
     scored = []
     score_episodes(pipe, loader, metric, args.resolution, args.threshold_mode, args.threshold,
                    progress=accelerator.is_local_main_process, threshold_precision=args.threshold_precision,
-                   scored=scored)
+                   scored=scored, sampling=sampling_options(args, pipe))
     scores = fold_scores(metric.compute(), episodes.class_ids)  # compute() sums the counts of every process
     records = episode_records(scored, shard.indices)
     if args.save_episodes and accelerator.num_processes > 1:
@@ -213,6 +238,7 @@ def evaluate_one_class(args, accelerator, source, pipe) -> tuple[dict, list[dict
         "per_class": {source.class_names[c]: v for c, v in scores["per_class"].items()},
         "episodes": scores["episodes"],
         **run_settings(args, pipe),
+        **design_settings(args, pipe),
         "episode_protocol": args.episode_protocol,
         "episode_reference": episodes.plan.reference if episodes.plan is not None else None,
         "processes": accelerator.num_processes,
@@ -274,7 +300,8 @@ def evaluate_multiclass(args, source, pipe, device: torch.device) -> dict:
     episodes = MulticlassEpisodes(source, args.shots, args.episodes, args.seed)
     loader = torch.utils.data.DataLoader(episodes, batch_size=1, collate_fn=collate_episodes,
                                          num_workers=args.num_workers)
-    call = {**call_options(args.resolution, args.threshold_mode, args.threshold, args.threshold_precision),
+    call = {**call_options(args.resolution, args.threshold_mode, args.threshold, args.threshold_precision,
+                           **sampling_options(args, pipe)),
             "batch_size": args.batch_size}  # classes per UNet pass
     num_labels = len(source.class_ids) + 1
     multi_metric, single_metric = SemanticSegmentationIoU(num_labels), SemanticSegmentationIoU(num_labels)
@@ -301,6 +328,7 @@ def evaluate_multiclass(args, source, pipe, device: torch.device) -> dict:
         "classes_per_episode": float(np.mean(classes_per_episode)),
         "episodes": len(episodes),
         **run_settings(args, pipe),
+        **design_settings(args, pipe),
         "batch_size": args.batch_size,
         "device": device.type,
         "dtype": str(evaluation_dtype(args, device)).replace("torch.", ""),
