@@ -243,6 +243,50 @@ class DiffewSImageProcessor:
         return (binary * 2 - 1).expand(3, -1, -1)
 
     @staticmethod
+    def target_pixels(image: torch.Tensor, mask: torch.Tensor, target: str) -> torch.Tensor:
+        """The picture a query's prediction is trained to be (the design's `target`), in [-1, 1].
+
+        image: [..., 3, R, R] in [-1, 1]; mask: [..., 3, R, R] in {-1, 1} (white object on black, as
+        `mask_to_tensor`). `white_foreground`: the mask itself; `real_foreground`: the image inside the mask, black
+        outside; `black_foreground`: black inside, the image outside; `mask_on_image`: `0.5 image + 0.5 mask` (the
+        average in [0, 1] is the same average in [-1, 1]).
+        """
+        if target == "white_foreground":
+            return mask
+        inside = mask[..., :1, :, :] > 0
+        black = torch.full_like(image, -1.0)
+        if target == "real_foreground":
+            return torch.where(inside, image, black)
+        if target == "black_foreground":
+            return torch.where(inside, black, image)
+        if target == "mask_on_image":
+            return 0.5 * image + 0.5 * mask
+        raise ValueError(f"unknown target {target!r}.")
+
+    @staticmethod
+    def prediction_map(prediction: torch.Tensor, image: torch.Tensor | None, target: str) -> torch.Tensor:
+        """The decoded prediction turned back into the map the threshold reads (each target form's rule).
+
+        prediction: [B, 3, R, R] decoded picture in [0, 1]; image: [B, 3, R, R] the query in [0, 1] (None for
+        `white_foreground`). Returns [B, 3, R, R] for `white_foreground` (the picture itself: the probability is its
+        channel mean, the relative level comes from its maximum over channels) and [B, 1, R, R] in [0, 1] otherwise:
+        - `mask_on_image`: the mask is `2 prediction - image` (the image subtracted), clipped, channel mean;
+        - `real_foreground` / `black_foreground`: two hypotheses per pixel, "object" (the image, or black) and
+          "background" (black, or the image); with d_o and d_b the mean squared distances of the prediction to
+          them, the probability is `d_b / (d_o + d_b)` (1 on the object's hypothesis, 0 on the background's; 0.5
+          where the two coincide: black pixels of the query).
+        """
+        if target == "white_foreground":
+            return prediction
+        if target == "mask_on_image":
+            return (2 * prediction - image).clamp(0, 1).mean(dim=1, keepdim=True)
+        to_image = (prediction - image).square().mean(dim=1, keepdim=True)
+        to_black = prediction.square().mean(dim=1, keepdim=True)
+        to_object, to_background = (to_image, to_black) if target == "real_foreground" else (to_black, to_image)
+        total = to_object + to_background
+        return torch.where(total > 0, to_background / total.clamp_min(1e-12), torch.full_like(total, 0.5))
+
+    @staticmethod
     def quantize_prediction(prediction: torch.Tensor, precision: str) -> torch.Tensor:
         """The map the threshold is applied to. prediction: [B, 3, R, R] in [0, 1] -> same shape and range.
 

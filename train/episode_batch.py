@@ -1,19 +1,25 @@
-"""Few-shot episodes -> model tensors, and the DiffewS training loss.
+"""Few-shot episodes -> model tensors, and the DiffewS training loss, for any design of the paper's design space.
 
 A training batch is a list of B `Episode` objects (see `train.data.episodes`) that all have the same number of shots
 N. Each episode keeps its OWN supports: row b of every tensor below belongs to episode b.
+
+The design's pieces come from the package, as the pipeline uses them: the support input
+(`DiffewSDesign.support_pixels` / `support_sample` / `support_tokens`), the target picture
+(`DiffewSImageProcessor.target_pixels`) and the generation's training inputs (`generation_diffews.training_inputs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline_diffews import DiffewSImageProcessor
+from pipeline_diffews.design_diffews import DiffewSDesign, image_encoder_tokens
+from pipeline_diffews.generation_diffews import training_inputs
 
 
 @dataclass
@@ -43,9 +49,11 @@ class EpisodeLatents:
     """VAE latents of a batch (h = R / vae_scale_factor).
 
     Attributes:
-        query: [B, 4, h, w] query image latents (the UNet's `sample`).
-        target: [B, 4, h, w] query mask latents; the UNet is trained so that `-output` matches them.
-        support: [B, N, 8, h, w] support image latent then mask latent on channels (the UNet's `support_sample`).
+        query: [B, 4, h, w] query image latents.
+        target: [B, 4, h, w] latents of the query's target picture (the mask, white on black, by default); with the
+            one-step generation the UNet is trained so that `-output` matches them.
+        support: the UNet's `support_sample`: [B, N, C, h, w] support latents (by default C = 8, image latent then
+            mask latent), or [B, N, T, D] image-encoder tokens for the tokenized interaction.
     """
 
     query: torch.Tensor
@@ -115,24 +123,56 @@ def encode_latents(vae, pixels: torch.Tensor, sample: bool = False, chunk_size: 
     return (torch.cat(chunks) * vae.config.scaling_factor).float()
 
 
+@dataclass
+class TrainingDesign:
+    """What training needs of a pipeline's design: the record, the multi-step scheduler and the image encoder."""
+
+    design: DiffewSDesign = field(default_factory=DiffewSDesign)
+    scheduler: object | None = None
+    image_encoder: object | None = None
+    feature_extractor: object | None = None
+
+    @classmethod
+    def of(cls, pipe) -> "TrainingDesign":
+        return cls(pipe.design, pipe.scheduler, pipe.image_encoder, pipe.feature_extractor)
+
+
 @torch.no_grad()
-def encode_episodes(vae, pixels: EpisodePixels, sample: bool = False) -> EpisodeLatents:
-    """Encodes every image and mask of the batch with the frozen VAE (no gradients)."""
+def encode_episodes(vae, pixels: EpisodePixels, sample: bool = False, design: TrainingDesign | None = None
+                    ) -> EpisodeLatents:
+    """Encodes every image and mask of the batch with the frozen VAE (and image encoder; no gradients)."""
+    design = design or TrainingDesign()
+    record = design.design
     batch, shots = pixels.support.shape[:2]
-    flat = torch.cat(
-        [pixels.query, pixels.query_mask, pixels.support.flatten(0, 1), pixels.support_mask.flatten(0, 1)]
-    )
-    latents = encode_latents(vae, flat, sample=sample)
-    query, target, support, support_mask = latents.split([batch, batch, batch * shots, batch * shots])
-    support = torch.cat([support, support_mask], dim=1).unflatten(0, (batch, shots))
-    return EpisodeLatents(query=query, target=target, support=support)
+    target = DiffewSImageProcessor.target_pixels(pixels.query, pixels.query_mask, record.target)
+    support, support_mask = pixels.support.flatten(0, 1), pixels.support_mask.flatten(0, 1)
+    picture, mask_picture = record.support_pixels(support, support_mask)
+    pictures = [] if record.is_tokenized else [picture] + ([] if mask_picture is None else [mask_picture])
+    latents = encode_latents(vae, torch.cat([pixels.query, target, *pictures]), sample=sample)
+    query, target, *picture_latents = latents.split([batch, batch] + [batch * shots] * len(pictures))
+    if record.is_tokenized:
+        def encode(p):
+            return image_encoder_tokens(design.image_encoder, design.feature_extractor, p).float()
+
+        support_input = record.support_tokens(encode, support, support_mask)
+    else:
+        mask_latent = picture_latents[1] if mask_picture is not None else None
+        support_input = record.support_sample(picture_latents[0], mask_latent, support_mask.to(latents.device))
+    return EpisodeLatents(query=query, target=target, support=support_input.unflatten(0, (batch, shots)))
 
 
-def diffews_loss(unet, latents: EpisodeLatents, timestep: int = 1) -> torch.Tensor:
-    """The authors' loss, `MSE(unet_output, -z_query_mask)`, averaged over the batch (float32 scalar).
+def diffews_loss(unet, latents: EpisodeLatents, timestep: int = 1, design: TrainingDesign | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The design's loss, averaged over the batch (float32 scalar): by default the authors' `MSE(unet_output,
+    -z_query_mask)`; `mi2m`/`mn2m` regress the v-prediction target at a random timestep (`generator`, else torch's
+    global generator).
 
-    One UNet forward runs the support pass (through `conv_in_ref`) and the KV-fused query pass; gradients flow
-    through both. `unet` may be wrapped (DDP, DeepSpeed, FSDP): it is only called.
+    One UNet forward runs the support side (at `timestep`) and the query pass; gradients flow through both. `unet`
+    may be wrapped (DDP, DeepSpeed, FSDP): it is only called.
     """
-    output = unet(latents.query, timestep, support_sample=latents.support).sample
-    return F.mse_loss(output.float(), -latents.target.float())
+    design = design or TrainingDesign()
+    model_input, step, target = training_inputs(
+        design.design.generation, latents.query, latents.target, timestep, design.scheduler, generator
+    )
+    output = unet(model_input, step, support_sample=latents.support, support_timestep=timestep).sample
+    return F.mse_loss(output.float(), target.float())
