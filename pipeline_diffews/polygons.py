@@ -7,11 +7,11 @@ back exactly. This is COCO's convention for polygons, and dividing by the image'
 normalised coordinates in [0, 1] and Label Studio's percentages (x 100).
 
 A piece is an 8-connected set of object pixels (two pixels touching at a corner belong to one piece, which then
-touches itself at that corner). Polygon formats have no holes, so each hole is joined to its piece's outer ring by a
-cut: from a vertex of the ring to the nearest vertex of the hole, once around the hole, and back along the same
-segment. The cut has no width, so the even-odd rule (pycocotools, `cv2.fillPoly`, PIL) fills the piece without its
-holes; this is how ultralytics merges the parts of a COCO object into one YOLO polygon. Objects
-inside a hole are pieces of their own.
+touches itself at that corner). Polygon formats have no holes, so each hole is joined to its piece's outline by a
+cut: from the nearest vertex of the outline built so far to the hole's top-left vertex, once around the hole, and back
+along the same segment. The cut has no width, so the even-odd rule (pycocotools, `cv2.fillPoly`) fills the piece
+without its holes; this is how ultralytics merges the parts of a COCO object into one YOLO polygon. Objects inside a
+hole are pieces of their own.
 
 Contours are traced by OpenCV (`cv2.findContours`, two-level hierarchy) on a grid three times finer than the mask,
 where every pixel is a 4 x 4 block sharing its border with its neighbours: there the traced border runs along the
@@ -31,22 +31,22 @@ _SCALE = 3  # grid cells per pixel side in the traced grid
 @dataclass(frozen=True)
 class Piece:
     """One 8-connected piece of a mask: its outer ring and its holes' rings, each a float64 array (K, 2) of (x, y)
-    pixel-corner coordinates (K >= 4; the last vertex joins the first; outer rings counterclockwise on screen, holes
-    clockwise)."""
+    pixel-corner coordinates (K >= 4, or >= 3 when simplified; the last vertex joins the first; outer rings
+    counterclockwise on screen, holes clockwise)."""
 
     outer: np.ndarray
     holes: tuple[np.ndarray, ...]
 
 
 def mask_pieces(mask: np.ndarray, tolerance: float = 0.0) -> list[Piece]:
-    """The pieces of a mask with their holes, in OpenCV's order (by the outer ring's first vertex, bottom to top).
+    """The pieces of a mask with their holes, in OpenCV's order.
 
     mask: bool, or integer with 0 = background and anything else = object, [H, W].
     tolerance: 0 (default) keeps every corner of the outline, which then rasterises back to exactly `mask`; above 0,
         each ring is simplified (Douglas-Peucker, `cv2.approxPolyDP`) to within this many pixels, and a hole whose
         ring collapses is dropped.
     Raises ValueError for a mask that is not 2-D or a negative tolerance; ImportError (with the install command)
-    without OpenCV.
+    without OpenCV. Works on the mask's bounding box, traced at 9 times its pixels (one byte each).
     """
     cv2 = _cv2()
     mask = np.asarray(mask)
@@ -84,22 +84,46 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 0.0) -> list[np.ndarra
 
     mask: bool, or integer with 0 = background and anything else = object, [H, W].
     tolerance: as in `mask_pieces` (0 keeps the exact outline).
-    Returns a list (empty for an empty mask) of float64 arrays (K, 2), K >= 4, of (x, y) vertices in pixel-corner
-    coordinates: x in [0, W], y in [0, H], integers when tolerance is 0. Filling them with the even-odd rule at the
-    pixels' centres, each on its own and the results united (as pycocotools does), gives back the mask.
+    Returns a list (empty for an empty mask) of float64 arrays (K, 2), K >= 4 (>= 3 simplified), of (x, y) vertices
+    in pixel-corner coordinates: x in [0, W], y in [0, H], integers (also when simplified: vertices are kept, never
+    moved). Filling them with the even-odd rule at the pixels' centres, each on its own and the results united (as
+    pycocotools does), gives back the mask when tolerance is 0.
     """
     return [bridge_holes(piece.outer, piece.holes) for piece in mask_pieces(mask, tolerance)]
 
 
 def bridge_holes(outer: np.ndarray, holes: tuple[np.ndarray, ...] | list[np.ndarray]) -> np.ndarray:
-    """One ring (K, 2) from an outer ring and its holes' rings: each hole, in turn, is entered from the vertex of the
-    ring built so far that is nearest to one of its vertices, walked once around, and left the same way back."""
-    ring = np.asarray(outer, np.float64)
-    for hole in holes:
-        hole = np.asarray(hole, np.float64)
-        at_ring, at_hole = _nearest_pair(ring, hole)
-        entered = np.concatenate([hole[at_hole:], hole[: at_hole + 1]])
-        ring = np.concatenate([ring[: at_ring + 1], entered, ring[at_ring:]])
+    """One ring (K, 2) from an outer ring and its holes' rings. Each hole in turn is joined, from its top-left vertex,
+    to the nearest vertex of the rings joined so far (the outer ring and the earlier holes); the ring then runs from
+    that vertex once around the hole and back. Takes time in proportion to (number of holes) x (vertices)."""
+    rings = [np.asarray(outer, np.float64)] + [np.asarray(hole, np.float64) for hole in holes]
+    points = np.concatenate(rings)
+    starts = np.cumsum([0] + [len(ring) for ring in rings])
+    xs, ys = np.ascontiguousarray(points[:, 0]), np.ascontiguousarray(points[:, 1])
+    attached: dict[int, list[tuple[int, int]]] = {}  # vertex (index in points) -> the holes entered from it
+    for number, hole in enumerate(rings[1:], start=1):
+        first = int(np.lexsort((hole[:, 0], hole[:, 1]))[0])  # top-left: rings above and to the left are joined
+        end, (x, y) = starts[number], hole[first]
+        distances = np.square(xs[:end] - x) + np.square(ys[:end] - y)
+        attached.setdefault(int(np.argmin(distances)), []).append((number, first))
+    order: list[int] = []
+    stack: list[tuple] = [(0, 0, 0, len(rings[0]))]  # (ring, first vertex, step, steps) or (vertex,)
+    while stack:
+        item = stack.pop()
+        if len(item) == 1:  # back at the vertex a hole was entered from
+            order.append(item[0])
+            continue
+        number, first, step, steps = item
+        if step == steps:
+            continue
+        vertex = int(starts[number] + (first + step) % len(rings[number]))
+        order.append(vertex)
+        stack.append((number, first, step + 1, steps))
+        if step < len(rings[number]):  # not the closing return to a hole's first vertex
+            for hole, at in reversed(attached.get(vertex, [])):
+                stack.append((vertex,))
+                stack.append((hole, at, 0, len(rings[hole]) + 1))
+    ring = points[order]
     return ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]  # a cut of length 0 repeats a vertex
 
 
@@ -123,28 +147,18 @@ def _ring(contour: np.ndarray, offset: np.ndarray, tolerance: float, cv2) -> np.
 def _drop_repeats_and_straight(points: np.ndarray) -> np.ndarray:
     """Removes vertices equal to the previous one, then those in the middle of a straight run (cyclically)."""
     while len(points) > 2:
-        repeated = np.all(points == np.roll(points, 1, axis=0), axis=1)
-        before, after = np.roll(points, 1, axis=0) - points, np.roll(points, -1, axis=0) - points
-        straight = (before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] == 0) & (np.sum(before * after, 1) < 0)
-        drop = repeated | straight
-        if not drop.any():
+        before = points[np.arange(-1, len(points) - 1)] - points
+        repeated = (before[:, 0] == 0) & (before[:, 1] == 0)
+        if repeated.any():
+            points = points[~repeated]
+            continue
+        after = np.roll(before, -1, axis=0) * -1  # next - this
+        cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+        straight = (cross == 0) & ((before * after).sum(1) < 0)
+        if not straight.any():
             break
-        points = points[~(repeated if repeated.any() else straight)]
+        points = points[~straight]
     return points
-
-
-def _nearest_pair(ring: np.ndarray, hole: np.ndarray) -> tuple[int, int]:
-    """Indices (in ring, in hole) of the nearest pair of vertices; memory bounded by chunking the hole's vertices."""
-    best, pair = np.inf, (0, 0)
-    chunk = max(1, 4_000_000 // max(len(ring), 1))
-    for start in range(0, len(hole), chunk):
-        part = hole[start : start + chunk]
-        distances = ((part[:, None, :] - ring[None, :, :]) ** 2).sum(-1)
-        index = int(np.argmin(distances))
-        at_hole, at_ring = divmod(index, len(ring))
-        if distances[at_hole, at_ring] < best:
-            best, pair = distances[at_hole, at_ring], (at_ring, start + at_hole)
-    return pair
 
 
 def check_available() -> None:

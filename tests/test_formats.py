@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
+def shoelace(ring: np.ndarray) -> float:
+    """The signed area of a ring (K, 2) of (x, y) points."""
+    x, y = ring.T
+    return float(0.5 * (x * np.roll(y, -1) - np.roll(x, -1) * y).sum())
+
+
 def mask_from(rows: list[str]) -> np.ndarray:
     return np.array([[c == "#" for c in row] for row in rows])
 
@@ -118,6 +125,8 @@ def test_pieces_holes_and_their_outlines():
     assert sorted(map(tuple, piece.outer.tolist())) == [(1, 1), (1, 5), (5, 1), (5, 5)]
     (hole,) = piece.holes
     assert sorted(map(tuple, hole.tolist())) == [(2, 2), (2, 4), (4, 2), (4, 4)]
+    # outer rings counterclockwise on screen (y down: a negative shoelace area), holes clockwise
+    assert (shoelace(piece.outer), shoelace(hole)) == (-16, 4)
     (polygon,) = mask_to_polygons(CASES["hole"])  # one ring: the hole entered and left along one cut
     assert len(polygon) == 4 + 4 + 2
 
@@ -125,6 +134,17 @@ def test_pieces_holes_and_their_outlines():
     assert len(pieces) == 2 and sorted(len(p.holes) for p in pieces) == [0, 1]
     assert len(mask_pieces(CASES["two pieces"])) == 2
     assert len(mask_pieces(CASES["corners touching"])) == 1  # 8-connected, as OpenCV traces
+
+
+def test_many_holes_fill_back_exactly_and_in_good_time():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:400, :400]
+    mask = ((yy - 200) ** 2 + (xx - 200) ** 2 < 180**2) & ~(rng.random((400, 400)) < 0.01)  # about 1000 holes
+    start = time.perf_counter()
+    (piece,) = mask_pieces(mask)
+    polygons = mask_to_polygons(mask)
+    assert len(piece.holes) > 800 and time.perf_counter() - start < 10
+    np.testing.assert_array_equal(fill([flat(p) for p in polygons], 400, 400), mask)
 
 
 def test_random_masks_fill_back_exactly():
