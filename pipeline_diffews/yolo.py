@@ -81,16 +81,19 @@ def yolo_dataset(entries: Iterable[tuple[str, np.ndarray]], categories: Sequence
 
     entries: (file name under images/, e.g. "a.jpg" or "day1/b.png"; label map int [H, W] as in `label_lines`).
     categories: (class id in 1..254, name) per class; their order gives the YOLO indices 0, 1, ...
-    Returns `labels/...txt` per entry and `data.yaml`. Raises ValueError as `label_lines` does, and for a repeated
-    class id.
+    Returns `labels/...txt` per entry and `data.yaml`. Raises ValueError as `label_lines` does, for a repeated
+    class id, and for two images that would share a labels file (`a.jpg` and `a.png`).
     """
     polygons.check_available()
     indices = {int(class_id): index for index, (class_id, _) in enumerate(categories)}
     if len(indices) != len(categories):
         raise ValueError(f"categories: a class id is listed twice in {[c for c, _ in categories]}.")
-    files = {}
+    files, owners = {}, {}
     for file_name, label_map in entries:
         path = label_path(f"{IMAGES_FOLDER}/{file_name}")
+        if path in owners:
+            raise ValueError(f"{owners[path]} and {file_name} would share {path}: give the images different names.")
+        owners[path] = file_name
         try:
             files[path] = label_lines(label_map, indices)
         except ValueError as error:

@@ -228,6 +228,8 @@ def test_yolo_dataset_lines_indices_and_yaml():
         yolo_dataset([("a.jpg", labels)], [(7, "car")])
     with pytest.raises(ValueError, match="a class id is listed twice"):
         yolo_dataset([], [(7, "car"), (7, "auto")])
+    with pytest.raises(ValueError, match="a.jpg and a.png would share labels/a.txt: give the images different names"):
+        yolo_dataset([("a.jpg", labels), ("a.png", labels)], [(7, "car"), (3, "road")])
 
 
 def test_label_path_follows_ultralytics():
