@@ -94,25 +94,23 @@ def masks_from_coco(data: dict) -> dict[str, np.ndarray]:
     RLE (compressed, as `coco_dataset` writes them, or uncompressed) or polygons (united, each filled by pycocotools);
     later annotations of an image paint over earlier ones."""
     mask_utils = _mask_utils()
-    label_maps, file_names, sizes = {}, {}, {}
+    label_maps, file_names = {}, {}
     for image in data["images"]:
         file_names[image["id"]] = image["file_name"]
-        sizes[image["id"]] = (image["height"], image["width"])
         label_maps[image["file_name"]] = np.zeros((image["height"], image["width"]), np.uint8)
     for annotation in data["annotations"]:
-        if isinstance(annotation["segmentation"], list):  # polygons
-            height, width = sizes[annotation["image_id"]]
-            shapes = mask_utils.frPyObjects(annotation["segmentation"], height, width)
-            mask = mask_utils.decode(mask_utils.merge(shapes)).astype(bool) if shapes else False
-            label_maps[file_names[annotation["image_id"]]][mask] = annotation["category_id"]
+        labels = label_maps[file_names[annotation["image_id"]]]
+        if isinstance(annotation["segmentation"], list):  # polygons, each filled, then united
+            if annotation["segmentation"]:
+                shapes = mask_utils.frPyObjects(annotation["segmentation"], *labels.shape)
+                labels[mask_utils.decode(mask_utils.merge(shapes)).astype(bool)] = annotation["category_id"]
             continue
         segmentation = dict(annotation["segmentation"])
         if isinstance(segmentation["counts"], str):
             segmentation["counts"] = segmentation["counts"].encode("ascii")
         elif isinstance(segmentation["counts"], list):  # uncompressed RLE, as some tools write it
             segmentation = mask_utils.frPyObjects(segmentation, *segmentation["size"])
-        mask = mask_utils.decode(segmentation).astype(bool)
-        label_maps[file_names[annotation["image_id"]]][mask] = annotation["category_id"]
+        labels[mask_utils.decode(segmentation).astype(bool)] = annotation["category_id"]
     return label_maps
 
 
