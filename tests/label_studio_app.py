@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.training_runs import free_port
+
 LABEL_STUDIO = "label-studio==1.23.2"
 LABEL_STUDIO_SDK = "label-studio-sdk==2.1.2"
 USER, PASSWORD = "annotator@example.com", "diffews-test-password"
 TOKEN = "d1ffe5d1ffe5d1ffe5d1ffe5d1ffe5d1ffe5d1ff"  # the user's legacy token (40 hex digits)
 START_TIMEOUT = 300  # seconds: a fresh data folder runs every database migration (about 30 s on 2 cores)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def require_label_studio(reason: str):
@@ -132,11 +127,17 @@ class LabelStudioAPI:
         return self.call("POST", "/api/projects", json={"title": title, "label_config": label_config})["id"]
 
     def import_images(self, project: int, paths: list[Path]) -> dict[str, int]:
-        """Uploads images as tasks; returns {file name: task id}."""
+        """Uploads images as tasks (one form field per file); returns {file name: task id} of the project's uploads
+        (stored as /data/upload/<project>/<prefix>-<file name>)."""
         files = {f"file{i}": (path.name, path.read_bytes(), "image/png") for i, path in enumerate(paths)}
         self.call("POST", f"/api/projects/{project}/import", files=files)
-        tasks = self.call("GET", "/api/tasks", params={"project": project, "page_size": 1000})["tasks"]
-        return {task["data"]["image"].rsplit("-", 1)[-1]: task["id"] for task in tasks}
+        return {task["data"]["image"].rsplit("-", 1)[-1]: task["id"] for task in self.tasks(project)}
+
+    def import_tasks(self, project: int, data: list[dict]) -> None:
+        self.call("POST", f"/api/projects/{project}/import", json=[{"data": item} for item in data])
+
+    def tasks(self, project: int) -> list[dict]:
+        return self.call("GET", "/api/tasks", params={"project": project, "page_size": 1000})["tasks"]
 
     def annotate(self, task: int, result: list[dict]) -> int:
         return self.call("POST", f"/api/tasks/{task}/annotations/", json={"result": result})["id"]
@@ -158,6 +159,29 @@ class LabelStudioAPI:
     def predictions(self, task: int) -> list[dict]:
         return self.call("GET", "/api/predictions", params={"task": task})
 
+    def personal_access_token(self) -> str:
+        """A new personal access token of the user (a JWT refresh token)."""
+        return self.call("POST", "/api/token/")["token"]
+
     def delete_predictions(self, task: int) -> None:
         for prediction in self.predictions(task):
             self.call("DELETE", f"/api/predictions/{prediction['id']}/")
+
+
+@contextlib.contextmanager
+def running_backend(model: Path, label_studio_url: str, api_key: str, log: Path, port: int | None = None):
+    """`python -m pipeline_diffews label-studio --model MODEL` on 127.0.0.1:`port` (default: a free one), as a
+    subprocess; yields its URL. Its log (stdout and stderr) goes to `log`."""
+    port = port or free_port()
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": api_key}
+    with open(log, "a") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline_diffews", "label-studio", "--model", str(model), "--port", str(port),
+             "--device", "cpu"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/health", process, 120, log)
+        yield url
+    finally:
+        stop(process)
