@@ -212,8 +212,11 @@ def image_encoder_tokens(image_encoder, feature_extractor, pixels: torch.Tensor)
     The pictures are resized to the feature extractor's crop size (bicubic, antialiased; a square picture needs no
     crop) and normalised by its mean and standard deviation, as `CLIPImageProcessor` does.
     """
-    crop = feature_extractor.crop_size
-    size = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+    crop = feature_extractor.crop_size  # {"height", "width"} (a dict, or transformers' SizeDict), or an int
+    if isinstance(crop, int):
+        size = (crop, crop)
+    else:
+        size = tuple(int(crop[k] if isinstance(crop, dict) else getattr(crop, k)) for k in ("height", "width"))
     mean = torch.tensor(feature_extractor.image_mean, device=pixels.device).view(1, -1, 1, 1)
     std = torch.tensor(feature_extractor.image_std, device=pixels.device).view(1, -1, 1, 1)
     pictures = F.interpolate((pixels.float() + 1) / 2, size=size, mode="bicubic", antialias=True, align_corners=False)

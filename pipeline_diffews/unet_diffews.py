@@ -495,7 +495,9 @@ class DiffewSUNet2DConditionModel(UNet2DConditionModel):
         config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
         config.update(in_channels=query_channels, in_channels_ref=in_channels_ref, design=design,
                       support_token_dim=support_token_dim if tokenized else None)
-        model = cls(**config).to(unet.dtype)
+        model = cls(**config)
+        if unet.dtype != model.dtype:
+            model = model.to(unet.dtype)
         own = model.state_dict()
         shared = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
         missing, _ = model.load_state_dict(shared, strict=False)
