@@ -91,6 +91,39 @@ def tiny_pipeline(seed: int = 0) -> DiffewSPipeline:
     return pipe
 
 
+def tiny_image_encoder(seed: int = 0):
+    """A 2-layer CLIP vision tower with projection (32 px pictures, 8 px patches: 17 tokens of 32) and its
+    processor: the tokenized interaction's `image_encoder` and `feature_extractor`."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=8)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModelWithProjection(config), processor
+
+
+def tiny_design_pipeline(design, seed: int = 0, beta_range: tuple[float, float] | None = None,
+                         num_inference_steps: int | None = None) -> DiffewSPipeline:
+    """A tiny pipeline of `design` (a `DiffewSDesign` or dict): the UNet of `tiny_unet(seed)` adapted by
+    `from_unet`, with the scheduler and image encoder the design needs."""
+    from pipeline_diffews.design_diffews import DiffewSDesign, make_scheduler
+
+    design = design if isinstance(design, DiffewSDesign) else DiffewSDesign.from_dict(design)
+    components = {}
+    if design.is_tokenized:
+        components["image_encoder"], components["feature_extractor"] = tiny_image_encoder(seed + 2)
+    torch.manual_seed(seed + 3)
+    unet = DiffewSUNet2DConditionModel.from_unet(
+        tiny_unet(seed), design=design.to_dict(), support_token_dim=32 if design.is_tokenized else None
+    )
+    scheduler = make_scheduler(design.generation, *(beta_range or (None, None)))
+    pipe = DiffewSPipeline(unet=unet, vae=tiny_vae(seed + 1), scheduler=scheduler, processing_resolution=RESOLUTION,
+                           num_inference_steps=num_inference_steps, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     tiny_pipeline(seed).save_pretrained(folder)
     return Path(folder)
