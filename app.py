@@ -273,9 +273,9 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
     mask the person confirmed keeps it (and a confirmed image left out of the gallery stays in the results).
     Returns (session, overlays, heatmaps, mask files, status)."""
     session = session or demo_utils.Session()
+    examples, note = _example_set(session.examples, *_editor_supports(editor_ids, editors, mask_files))
     queries, names, files = _read_queries(query_items, session=session)
     _check_request(queries, threshold_mode, threshold)
-    examples, note = _example_set(session.examples, *_editor_supports(editor_ids, editors, mask_files))
     confirmed = {}
     if session.result is not None:
         queries, names, files, confirmed = session.carry_confirmed(queries, names, files)

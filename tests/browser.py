@@ -142,3 +142,14 @@ def fetch_image(page, href: str) -> PIL.Image.Image:
     response = page.request.get(href)
     assert response.headers["content-type"] == "image/png"
     return PIL.Image.open(io.BytesIO(response.body()))
+
+
+def mask_link(page, stem: str) -> str:
+    """The address of result `stem`'s mask file in the page's mask list (`<stem>.png`, as the download names it)."""
+    return page.locator(f"#mask-files a[href$='/{stem}.png']").first.get_attribute("href")
+
+
+def error_badges(page) -> int:
+    """How many components the page marks with Gradio's error badge (an event that raised)."""
+    return page.locator("[data-testid='status-tracker'] .error").count()
+

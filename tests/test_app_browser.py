@@ -24,6 +24,7 @@ from tests.browser import (  # noqa: F401 (fewshot_url: a fixture)
     fewshot_url,
     iou,
     load_example,
+    mask_link,
     open_page,
     painted,
     require_browser,
@@ -59,8 +60,7 @@ def shots(monkeypatch):
 def test_paint_upload_segment_in_the_browser(page, tmp_path):
     # An error a person can make shows up in the page, as a message.
     page.click("#segment-button")
-    toast = page.locator(".toast-body").filter(has_text="Add at least one example image")
-    toast.first.wait_for()
+    wait_for_status(page, "Add at least one example image")
 
     # Upload the example image, paint a stroke over its middle.
     page.locator("#support-1 input[type=file]").set_input_files(str(BALLOONS / "support_1.png"))
@@ -86,7 +86,7 @@ def test_paint_upload_segment_in_the_browser(page, tmp_path):
     assert "Segmented 1 image" in status
     area = float(re.search(r"mask area ([0-9.]+)%", status).group(1))
     assert 0 < area < 20  # the painted stroke, not the whole image
-    link = page.locator("#mask-files a[href*='query_1_mask.png']").first.get_attribute("href")
+    link = mask_link(page, "query_1")
     with fetch_image(page, link) as mask:
         assert mask.size == PIL.Image.open(BALLOONS / "query_1.png").size  # the query's own size
 
@@ -145,7 +145,7 @@ def test_paint_and_erase_on_an_example_then_segment_matches_the_truth(fewshot_ur
         assert not (changed & ~near(right_edge, 30) & ~near(centre, 30)).any()  # ...and nothing changed elsewhere
 
         for number in (1, 2):
-            link = page.locator(f"#mask-files a[href*='query_{number}_mask.png']").first.get_attribute("href")
+            link = mask_link(page, f"query_{number}")
             with fetch_image(page, link) as result:
                 truth = np.asarray(PIL.Image.open(BALLOONS / "truth" / f"query_{number}.png")) >= 128
                 assert result.size == (truth.shape[1], truth.shape[0])

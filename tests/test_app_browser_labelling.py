@@ -16,6 +16,8 @@ import PIL.Image
 from tests import browser as web
 from tests.browser import fewshot_url  # noqa: F401 (a fixture)
 
+BALLOONS = web.FEWSHOT_MODEL.parent / "balloons"
+
 
 def segment_example(page, name: str) -> None:
     web.load_example(page, name)
@@ -24,9 +26,16 @@ def segment_example(page, name: str) -> None:
 
 
 def result_mask(page, stem: str) -> np.ndarray:
-    link = page.locator(f"#mask-files a[href*='{stem}_mask.png']").first.get_attribute("href")
-    with web.fetch_image(page, link) as mask:
+    with web.fetch_image(page, web.mask_link(page, stem)) as mask:
         return np.asarray(mask) > 0
+
+
+def download(page, path) -> zipfile.ZipFile:
+    """Clicks Download and saves the zip at `path`."""
+    with page.expect_download() as started:
+        page.click("#download")
+    started.value.save_as(path)
+    return zipfile.ZipFile(path)
 
 
 def test_correct_a_result_add_it_as_an_example_and_download(fewshot_url, tmp_path):
@@ -48,7 +57,7 @@ def test_correct_a_result_add_it_as_an_example_and_download(fewshot_url, tmp_pat
         page.screenshot(path=str(tmp_path / "correction.png"))
         page.click("#add-example")
         status = web.wait_for_status(page, "Added query_1.png as example 2")
-        assert "segmented the other 1 image again" in status
+        assert "segmented the other 1 image not yet confirmed again" in status
         set_line = page.inner_text("#example-set")
         assert "2 examples" in set_line and "2 shots cached" in set_line
         seconds = float(re.search(r"Adding the last one took ([0-9.]+) s", set_line).group(1))
@@ -59,11 +68,7 @@ def test_correct_a_result_add_it_as_an_example_and_download(fewshot_url, tmp_pat
         assert not after[int(ys.mean()), int(xs.mean())]
         assert ((after != before).sum()) < 0.1 * after.size  # only what was touched changed
 
-        with page.expect_download() as download:
-            page.click("#download")
-        path = tmp_path / "masks.zip"
-        download.value.save_as(path)
-        with zipfile.ZipFile(path) as archive:
+        with download(page, tmp_path / "masks.zip") as archive:
             names = set(archive.namelist())
             coco = json.loads(archive.read("annotations.json"))
             with archive.open("masks/query_1.png") as file:
@@ -93,3 +98,64 @@ def test_two_browser_sessions_keep_their_own_example_sets(fewshot_url):
         first.click("#segment-button")  # the first session still holds its two examples, cached
         status = web.wait_for_status(first, "reused from the cache")
         assert "Examples: 2 " in status
+
+
+def test_the_page_keeps_a_sessions_work_warns_before_leaving_and_opens_it_again(fewshot_url, tmp_path):
+    PIL.Image.new("L", (20, 10)).save(tmp_path / "small_mask.png")
+    with web.chromium() as browser:
+        page = web.open_page(browser, fewshot_url)
+        asked = []  # the dialogs the browser opened: "beforeunload" when leaving would lose work
+        page.on("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
+
+        # A mask of the wrong size: one warning, no error badge anywhere.
+        page.locator("#support-1 input[type=file]").set_input_files(str(BALLOONS / "support_1.png"))
+        page.wait_for_selector("#support-1 button[aria-label='Brush']")
+        page.wait_for_timeout(1500)  # the editor holds the image
+        page.get_by_text("…or upload its mask").first.click()
+        page.locator("#support-mask-1 input[type=file]").set_input_files(str(tmp_path / "small_mask.png"))
+        page.locator(".toast-body").filter(has_text="a mask must have the size of its image").first.wait_for()
+        assert web.error_badges(page) == 0
+
+        segment_example(page, "balloons")
+        page.locator("#overlays img").first.click()
+        web.wait_for_status(page, "Correcting query_1.png", "#correction-note")
+        page.wait_for_timeout(1500)
+        web.Editor(page, "correction", PIL.Image.open(BALLOONS / "query_1.png").size).dab("Brush", 40, 40)
+        page.click("#add-example")
+        web.wait_for_status(page, "Correcting query_2.png", "#correction-note")  # on to the next result
+        confirmed = result_mask(page, "query_1")
+        assert confirmed[40, 40]
+        page.wait_for_timeout(1500)
+        page.click("#add-example")  # query_2 as it was predicted
+        web.wait_for_status(page, "Every result is confirmed", "#correction-note")
+        page.locator("#overlays img").first.click()
+        web.wait_for_status(page, "it is example_2 of the example set", "#correction-note")
+        page.wait_for_timeout(1500)
+        page.click("#add-example")  # again: said where the button is, and nothing else changes
+        web.wait_for_status(page, "query_1.png is already in the example set", "#correction-note")
+        assert web.error_badges(page) == 0 and "Added query_2.png as example 3" in page.inner_text("#status")
+
+        page.click("#segment-button")  # both confirmed: nothing is predicted again
+        web.wait_for_status(page, "All 2 images have confirmed masks")
+        np.testing.assert_array_equal(result_mask(page, "query_1"), confirmed)
+
+        page.evaluate("() => { location.reload(); }")  # unsaved work: the browser asks first (and stays)
+        page.wait_for_timeout(1000)
+        assert asked == ["beforeunload"] and "3 examples" in page.inner_text("#example-set")
+        with download(page, tmp_path / "set.zip") as archive:
+            with archive.open("masks/query_1.png") as file:
+                np.testing.assert_array_equal(np.asarray(PIL.Image.open(file)) > 0, confirmed)
+        page.wait_for_function("() => !document.querySelector('#unsaved textarea').value")
+        page.reload()  # everything downloaded: it does not ask
+        page.wait_for_selector("#open-set")
+        assert asked == ["beforeunload"]
+
+        page.locator("#open-set input[type=file]").set_input_files(str(tmp_path / "set.zip"))
+        web.wait_for_status(page, "opened from set.zip", "#example-set")
+        assert "3 examples" in page.inner_text("#example-set") and "3 shots cached" in page.inner_text("#example-set")
+        page.locator("#queries input[type=file]").set_input_files(str(BALLOONS / "query_2.png"))
+        page.wait_for_selector("#queries img")
+        page.click("#segment-button")  # the example tabs are empty: the opened set segments
+        status = web.wait_for_status(page, "Segmented 1 image")
+        assert "Examples: 3 " in status and "reused from the cache" in status
+
