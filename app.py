@@ -595,8 +595,14 @@ def segment_classes(cache, support_images, support_masks, queries, class_names, 
     return cache, label_files, probability_files, entries, status
 
 
-def build_demo(pipe) -> gr.Blocks:
-    """The page and its endpoints, around a loaded pipeline."""
+def model_line(pipe, model: str | None = None) -> str:
+    """The header's line on the model: its name (`model`, else its folder's name) and its design in one line."""
+    name = model or Path(pipe.name_or_path or "DiffewS").name
+    return f"Model: **{name}**, design: {pipe.design.describe()}."
+
+
+def build_demo(pipe, model: str | None = None) -> gr.Blocks:
+    """The page and its endpoints, around a loaded pipeline (`model`: its name on the page, see `model_line`)."""
     global _PIPE
     _PIPE = pipe
     defaults = {"mode": pipe.config.threshold_mode, "threshold": float(pipe.config.threshold)}
@@ -628,11 +634,12 @@ def build_demo(pipe) -> gr.Blocks:
             "Add more examples in the other tabs if you like, then drop in the **images to segment**. "
             "DiffewS (NeurIPS 2024) finds the same kind of object in each of them.\n\n"
             "**Correct and teach:** click a result to open it with its mask, fix it with the brush and eraser, and "
-            "press **Add as example**: it joins your example set and the other images are segmented again. "
-            "**Download** takes every mask, the example set and a COCO file home.\n\n"
+            "press **Add as example**: it joins your example set, stays that image's mask, and the images not yet "
+            "confirmed are segmented again. **Download** takes every mask, the example set and a COCO file home; "
+            "**open** that zip later to go on with the same example set.\n\n"
             "**Several kinds at once:** paint each kind of object in its own brush colour (one colour = one class; "
             "pick it in the brush's palette), or upload a palette mask. Each class gets its colour in the result, "
-            "with a legend; name the classes below if you like."
+            "with a legend; name the classes below if you like.\n\n" + model_line(pipe, model)
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
@@ -779,7 +786,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe = load_pipeline(args.model, device=device)
     except Exception as error:  # noqa: BLE001 - any failure to load ends the program with one line
         sys.exit(load_failure(args.model, error))
-    launch(build_demo(pipe), server_port=args.port, share=args.share)
+    launch(build_demo(pipe, args.model), server_port=args.port, share=args.share)
 
 
 def load_failure(model: str, error: Exception) -> str:

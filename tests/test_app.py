@@ -301,6 +301,13 @@ def test_a_brush_colour_beyond_a_loaded_label_maps_classes_paints_a_new_class():
 # ---------------------------------------------------------------------------------------------- start-up
 
 
+def test_the_header_names_the_model_and_its_design(url, saved_pipeline):
+    line = f"Model: **{saved_pipeline.name}**, design: kv_fusion + concat, white_foreground target, oi2m (DiffewS)."
+    assert app.model_line(app._PIPE) == line
+    assert app.model_line(app._PIPE, "incontext").startswith("Model: **incontext**, design: ")
+    assert line in httpx.get(f"{url}config").text  # in the page
+
+
 def test_model_comes_from_the_flag_then_the_environment_then_the_default(monkeypatch):
     monkeypatch.delenv(app.MODEL_ENV, raising=False)
     assert app.parse_args([]).model == app.DEFAULT_MODEL_ID == "incontext"
