@@ -26,10 +26,11 @@ import PIL.ImageColor
 import torch
 
 from pipeline_diffews import DiffewSImageProcessor, DiffewSPipeline, DiffewSSupport, load_mask
-from pipeline_diffews.coco import COCO_FILE, category_name, coco_dataset
+from pipeline_diffews.coco import COCO_FILE, category_name
+from pipeline_diffews.formats import annotation_files
 from pipeline_diffews.image_processor_diffews import IGNORE_INDEX
 from pipeline_diffews.inputs import MASK_SUFFIX, find_support_pairs
-from pipeline_diffews.writers import border, mask_to_image, overlay_classes
+from pipeline_diffews.writers import border, json_text, mask_to_image, overlay_classes
 
 # The brush colours of the editors: colour k - 1 paints class k. The first is the one-class colour (magenta: far from
 # the colours of skies, plants, skin and red or orange objects).
@@ -697,9 +698,11 @@ def export_zip(session: Session, palette: list[int], folder: Path) -> Path:
     - `images/<query file>`: the images segmented, as they were uploaded (the session's own copies);
     - `examples/<name>.png` + `examples/<name>_mask.png`: the example set (the layout `diffews segment --support-dir`
       reads, and the demo opens again);
-    - `annotations.json`: the results in COCO format (`pipeline_diffews.coco.coco_dataset`; file names are those under
-      `images/`, categories named from the class names), each image and annotation saying whether its mask was
-      confirmed by the person or predicted (`mark_confirmed`).
+    - the annotation files of every format (`pipeline_diffews.formats.annotation_files`; file names are those under
+      `images/`, categories named from the class names): `annotations.json` (COCO, RLE masks) and
+      `annotations_polygons.json` (COCO, polygons), each image and annotation saying whether its mask was confirmed
+      by the person or predicted (`mark_confirmed`); `data.yaml` + `labels/<query stem>.txt` (YOLO segmentation:
+      the zip is a YOLO dataset root).
     """
     result, examples = session.result, session.examples
     if result is None and examples is None:
@@ -716,12 +719,18 @@ def export_zip(session: Session, palette: list[int], folder: Path) -> Path:
         for name, image, mask in zip(examples.names, examples.images, examples.masks):
             archive.writestr(f"examples/{name}.png", _png(image))
             archive.writestr(f"examples/{name}_mask.png", _png(mask_file_image(mask, multiclass, palette)))
-        entries = list(zip(file_names, labels))
         ids = sorted({k for mask in labels for k in class_ids(mask)} | set(class_ids_of(examples)))
         categories = [(k, category_name(k, session.class_names.get(k), multiclass)) for k in ids]
-        dataset = mark_confirmed(coco_dataset(entries, categories), session.confirmed)
-        archive.writestr(COCO_FILE, json.dumps(dataset))
+        for name, data in annotation_files(list(zip(file_names, labels)), categories).items():
+            archive.writestr(name, _with_confirmed(name, data, session.confirmed))
     return path
+
+
+def _with_confirmed(name: str, data: bytes, confirmed: list[bool]) -> bytes:
+    """An annotation file of the download: a COCO file (JSON) says which masks were confirmed (`mark_confirmed`)."""
+    if not name.endswith(".json"):
+        return data
+    return json_text(mark_confirmed(json.loads(data), confirmed), indent=None).encode()
 
 
 def mark_confirmed(dataset: dict, confirmed: list[bool]) -> dict:

@@ -1,5 +1,7 @@
 """The demo as a labelling tool: correct a result, add it as an example (the cached support grows by that shot), and
-download the masks, the example set and a COCO file."""
+download the masks, the example set and the annotation files (COCO RLE and polygons, YOLO); a session never loses its
+work (confirmed masks stay, changed examples keep the added ones, the images are the session's own copies, a saved set
+opens again)."""
 
 from __future__ import annotations
 
@@ -349,4 +351,29 @@ def _check_zip(path, session, folder, binary: bool) -> dict[int, str]:
         (f"{n}.png", f"{n}_mask.png") for n in session.examples.names
     ]
     data = json.loads((folder / "annotations.json").read_text())
-    return {c["id"]: c["name"] for c in data["categories"]}
+    categories = {c["id"]: c["name"] for c in data["categories"]}
+    _check_polygons_and_yolo(folder, session, categories)
+    return categories
+
+
+def _check_polygons_and_yolo(folder, session, categories: dict[int, str]) -> None:
+    """The download's other formats: COCO polygons that fill back to each result, and a YOLO segmentation dataset
+    (data.yaml naming the categories in order, one labels file per image, a line per piece of each class)."""
+    import yaml
+
+    from pipeline_diffews.coco import masks_from_coco
+
+    polygons = json.loads((folder / "annotations_polygons.json").read_text())
+    assert [image["confirmed"] for image in polygons["images"]] == session.confirmed
+    filled = masks_from_coco(polygons)
+    names = yaml.safe_load((folder / "data.yaml").read_text())["names"]
+    assert names == dict(enumerate(categories.values()))
+    for index, name in enumerate(session.names):
+        labels = session.result.labels(index)
+        np.testing.assert_array_equal(filled[name], labels)
+        lines = (folder / "labels" / f"{Path(name).stem}.txt").read_text().splitlines()
+        assert {int(line.split()[0]) for line in lines} == {
+            list(categories).index(k) for k in demo_utils.class_ids(labels)}
+        for line in lines:
+            coordinates = [float(v) for v in line.split()[1:]]
+            assert len(coordinates) >= 6 and len(coordinates) % 2 == 0 and 0 <= min(coordinates) <= max(coordinates) <= 1
