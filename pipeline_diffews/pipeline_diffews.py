@@ -185,7 +185,7 @@ class DiffewSPipeline(DiffusionPipeline):
         self.register_modules(
             unet=unet, vae=vae, scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor
         )
-        self._check_design(ensemble_reduction)
+        self._check_design(ensemble_reduction, num_inference_steps)
         self.register_to_config(
             timestep=timestep,
             processing_resolution=processing_resolution,
@@ -206,11 +206,14 @@ class DiffewSPipeline(DiffusionPipeline):
         """The design this pipeline runs (from the UNet's config; DiffewS's when the config has none)."""
         return DiffewSDesign.from_dict(self.unet.config.get("design"))
 
-    def _check_design(self, ensemble_reduction: str) -> None:
+    def _check_design(self, ensemble_reduction: str, num_inference_steps: int | None) -> None:
         """Refuses a design whose components are missing or do not match the UNet's inputs."""
         design = self.design
         if ensemble_reduction not in ENSEMBLE_REDUCTIONS:
             raise ValueError(f"`ensemble_reduction` must be one of {ENSEMBLE_REDUCTIONS}, got {ensemble_reduction!r}.")
+        if not design.is_multistep and num_inference_steps not in (None, 1):
+            raise ValueError(f"The oi2m generation takes one step: `num_inference_steps` must be None or 1, got "
+                             f"{num_inference_steps!r}.")
         if design.is_multistep and self.scheduler is None:
             raise ValueError(
                 f"The {design.generation} generation needs a `scheduler` (a DDIMScheduler: "

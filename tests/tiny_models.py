@@ -119,7 +119,7 @@ def tiny_design_pipeline(design, seed: int = 0, beta_range: tuple[float, float] 
     )
     scheduler = make_scheduler(design.generation, *(beta_range or (None, None)))
     pipe = DiffewSPipeline(unet=unet, vae=tiny_vae(seed + 1), scheduler=scheduler, processing_resolution=RESOLUTION,
-                           num_inference_steps=num_inference_steps, **components)
+                           num_inference_steps=num_inference_steps if design.is_multistep else None, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
