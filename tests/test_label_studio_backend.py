@@ -207,6 +207,8 @@ def test_example_set_grows_replaces_and_removes_shots():
     for key in (2, 1):
         again.put(key, 10 + key, f"img{key}", shots[key][1])
     assert again.model_version == examples.model_version
+    assert again.adopt(examples) == 2 and again.encode_pending() == [] and pipe.encoded == 4  # read again: no pass
+    assert same_support(again.support(), examples.support())
     assert examples.remove_tasks([11]) == 1 and examples.model_version.startswith("tiny-1shot-")
 
 
@@ -265,4 +267,5 @@ def test_bad_input_gets_an_error_reply_and_the_server_goes_on(unreachable_app, c
     assert webhook.status_code == 200 and webhook.json()["status"] == "queued"  # answered before the work fails
     assert unreachable_app.post("/webhook", json={"action": "LABEL_LINK_CREATED", "project": {"id": 1}}).json()[
         "status"] == "ignored"
+    assert unreachable_app.post("/train", json={"project": "1.1700000000"}).json() == {"status": "queued"}
     assert not [r for r in caplog.records if r.exc_info]  # no traceback: every failure was one line

@@ -121,6 +121,13 @@ class Backend:
         self._worker.submit(self._logged, self._event, action, project_id, payload)
         return {"status": "queued", "action": action}
 
+    def train(self, payload: dict) -> dict:
+        """`/train` (Label Studio's "Start training", or training on each submission when the project asks for it):
+        reads the project's annotations again, behind; shots that did not change keep their caches."""
+        project_id = _project_id(payload.get("project"))
+        self._worker.submit(self._logged, self._read, project_id)
+        return {"status": "queued"}
+
     # -- the worker's jobs --
 
     def _logged(self, job, *args):
@@ -150,6 +157,9 @@ class Backend:
             for annotation in task.get("annotations") or []:
                 if not annotation.get("was_cancelled"):
                     self._put(examples, config, annotation, task, key, project_id)
+        old = self._projects.get(project_id)
+        if old is not None and old.config.labels == config.labels:
+            examples.adopt(old.examples)
         project = Project(project_id, config, examples)
         self._projects[project_id] = project
         self._encode(project)

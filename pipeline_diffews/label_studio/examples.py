@@ -114,6 +114,18 @@ class ExampleSet:
         tasks = {int(key) for key in task_ids}
         return self.remove([shot.annotation_id for shot in self.shots if shot.task_id in tasks])
 
+    def adopt(self, other: "ExampleSet") -> int:
+        """Takes the support caches of `other`'s encoded shots that are the same here (annotation, masks, image), so
+        that reading a project again encodes only what changed. Returns how many were taken."""
+        taken = 0
+        for shot in self._shots.values():
+            old = other._shots.get(shot.annotation_id)
+            if shot.masks is not None and old is not None and old.masks is None and (old.digest, old.image_url) == (
+                    shot.digest, shot.image_url):
+                shot.caches, shot.masks = old.caches, None
+                taken += 1
+        return taken
+
     def encode_pending(self) -> list[str]:
         """Runs the support pass of every shot added or changed since the last call, one shot at a time. A shot whose
         image cannot be read (ValueError from `read_image`) or whose masks the pipeline refuses is dropped; returns

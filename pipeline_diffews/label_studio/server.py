@@ -4,6 +4,7 @@
     POST /setup           {project, schema, ...} -> {model_version}
     POST /predict         {tasks, project, label_config, params} -> {results: [{result, score, model_version}, ...]}
     POST /webhook         {action, ...} -> {status}, at once
+    POST /train           {project, ...} -> {status}, at once: the project's annotations are read again
 
 A request that cannot be answered gets `{"error": "<one line>"}` with a 4xx/5xx status, and the line goes to the log;
 the server goes on.
@@ -61,5 +62,9 @@ def create_app(backend: Backend):
     @app.post("/webhook")
     async def webhook(request: Request):
         return await answer(request, backend.webhook)
+
+    @app.post("/train")
+    async def train(request: Request):
+        return await answer(request, backend.train)
 
     return app
