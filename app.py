@@ -98,23 +98,9 @@ def _on_device(task, *args, **kwargs):
     return task(_PIPE, *args, **kwargs)
 
 
-def _user_errors(fn):
-    """Turns the mistakes a person can make (InputError, and the pipeline's ValueError/TypeError) into gr.Error."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, TypeError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
-
-    return wrapper
-
-
-def _page_event(message: int, count: int, cleared: dict | None = None):
-    """A page event whose mistakes stay where they are: a ValueError or TypeError (InputError, the pipeline's) leaves
-    every one of its `count` outputs as it was (gr.skip()) but output `message`, which shows the mistake, and the
-    outputs `cleared` names ({position: value}). No exception reaches Gradio, so no other panel is marked."""
+def _on_mistake(handle):
+    """A decorator: a mistake a person can make (InputError, the pipeline's ValueError/TypeError) in the decorated
+    function goes to `handle(message)`, whose return value is then the function's."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -122,15 +108,33 @@ def _page_event(message: int, count: int, cleared: dict | None = None):
             try:
                 return fn(*args, **kwargs)
             except (ValueError, TypeError) as error:
-                outputs = [gr.skip()] * count
-                outputs[message] = f"⚠️ {error}"
-                for position, value in (cleared or {}).items():
-                    outputs[position] = value
-                return tuple(outputs)
+                return handle(str(error))
 
         return wrapper
 
     return decorate
+
+
+def _raise_gr_error(message: str):
+    raise gr.Error(message, print_exception=False)
+
+
+_user_errors = _on_mistake(_raise_gr_error)  # the endpoints: a mistake is a gr.Error, the client's AppError
+
+
+def _page_event(message: int, count: int, cleared: dict | None = None):
+    """A page event whose mistakes stay where they are: a mistake leaves every one of its `count` outputs as it was
+    (gr.skip()) but output `message`, which shows the mistake, and the outputs `cleared` names ({position: value}).
+    No exception reaches Gradio, so no other panel is marked."""
+
+    def shown(text: str) -> tuple:
+        outputs = [gr.skip()] * count
+        outputs[message] = f"⚠️ {text}"
+        for position, value in (cleared or {}).items():
+            outputs[position] = value
+        return tuple(outputs)
+
+    return _on_mistake(shown)
 
 
 # ---------------------------------------------------------------------------------------------- segmenting

@@ -674,7 +674,9 @@ def mask_file_image(labels: np.ndarray, multiclass: bool, palette: list[int]) ->
     return mask_to_image(np.asarray(labels) > 0)
 
 
-def save_masks(names: list[str], labels: list[np.ndarray], multiclass: bool, palette: list[int], folder: Path) -> list[str]:
+def save_masks(
+    names: list[str], labels: list[np.ndarray], multiclass: bool, palette: list[int], folder: Path
+) -> list[str]:
     """Writes each result as the download holds it (`mask_files`): `<folder>/masks/<stem>.png`. Returns the paths."""
     (folder / "masks").mkdir(parents=True, exist_ok=True)
     paths = []

@@ -76,8 +76,8 @@ def test_correct_a_result_add_it_as_an_example_and_download(fewshot_url, tmp_pat
             with archive.open("examples/example_2.png") as file:  # the corrected image is the set's second example
                 np.testing.assert_array_equal(np.asarray(PIL.Image.open(file).convert("RGB")), query)
         assert {"examples/example_1.png", "examples/example_1_mask.png", "examples/example_2.png",
-                "examples/example_2_mask.png", "images/query_1.png", "images/query_2.png", "masks/query_2.png", "annotations_polygons.json",
-                "data.yaml", "labels/query_1.txt", "labels/query_2.txt"} <= names
+                "examples/example_2_mask.png", "images/query_1.png", "images/query_2.png", "masks/query_2.png",
+                "annotations_polygons.json", "data.yaml", "labels/query_1.txt", "labels/query_2.txt"} <= names
         assert [c["name"] for c in coco["categories"]] == ["object"] and len(coco["images"]) == 2
         page.screenshot(path=str(tmp_path / "added.png"), full_page=True)
 

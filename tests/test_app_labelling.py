@@ -134,7 +134,8 @@ def test_a_confirmed_mask_stays_that_images_mask(url, files, tmp_path):
     # Segment again: nothing left to predict, the confirmed masks stay.
     session, *_, status = page_segment(session, example_inputs(files))
     assert "All 2 images have confirmed masks: nothing to predict." in status
-    assert iou(session.result.labels(0) > 0, confirmed_a > 0) == iou(session.result.labels(1) > 0, confirmed_b > 0) == 1
+    assert iou(session.result.labels(0) > 0, confirmed_a > 0) == 1.0
+    assert iou(session.result.labels(1) > 0, confirmed_b > 0) == 1.0
 
     # Another gallery: only its new image is predicted; b, confirmed and left out of it, stays in the results.
     square = write_image(tmp_path / "c.png", 64, 64, seed=4)
@@ -188,8 +189,8 @@ def test_a_mistake_shows_in_one_place_and_leaves_the_rest_of_the_page(url, files
     small = write_mask(tmp_path / "small.png", 48, 40)
     inputs = page_inputs([editor_value(files["support"], None)], [small], [files["query_a"]])
     outputs = app.run_segment(None, None, *inputs, "")
-    assert outputs[4] == ("⚠️ The mask file of example 1 is 48x40 pixels but its image is 96x80: a mask must have the "
-                          "size of its image.")
+    assert outputs[4] == ("⚠️ The mask file of example 1 is 48x40 pixels but its image is 96x80: a mask must have "
+                          "the size of its image.")
     assert [o for i, o in enumerate(outputs) if i != 4] == [gr.skip()] * 7
 
     with pytest.warns(UserWarning, match="a mask must have the size of its image"):
@@ -223,7 +224,8 @@ def test_open_a_saved_set_and_go_on_labelling(url, files, tmp_path, encodes):
     encodes.clear()
     reopened, set_line, names, note, download, unsaved = app.open_saved_set(None, path)  # after a reload
     assert note.startswith("Opened diffews_masks.zip: 2 examples, encoded in ") and encodes == [(2, None)]
-    assert "**2** examples" in set_line and "opened from diffews_masks.zip" in set_line and "2 shots cached" in set_line
+    assert "**2** examples" in set_line and "opened from diffews_masks.zip" in set_line
+    assert "2 shots cached" in set_line
     assert download["interactive"] and unsaved == ""
     assert reopened.examples.names == session.examples.names and reopened.examples.num_given == 0
     for before, after in zip(session.examples.images, reopened.examples.images):
@@ -376,4 +378,5 @@ def _check_polygons_and_yolo(folder, session, categories: dict[int, str]) -> Non
             list(categories).index(k) for k in demo_utils.class_ids(labels)}
         for line in lines:
             coordinates = [float(v) for v in line.split()[1:]]
-            assert len(coordinates) >= 6 and len(coordinates) % 2 == 0 and 0 <= min(coordinates) <= max(coordinates) <= 1
+            assert len(coordinates) >= 6 and len(coordinates) % 2 == 0
+            assert 0 <= min(coordinates) <= max(coordinates) <= 1
