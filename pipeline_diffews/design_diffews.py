@@ -160,6 +160,27 @@ class DiffewSDesign:
         return tokens
 
 
+def check_components(design: DiffewSDesign, unet_config, scheduler, image_encoder, feature_extractor) -> None:
+    """Refuses a pipeline whose components miss what `design` needs or whose UNet does not take its inputs."""
+    if design.is_multistep and scheduler is None:
+        raise ValueError(
+            f"The {design.generation} generation needs a `scheduler` (a DDIMScheduler: "
+            "pipeline_diffews.design_diffews.make_scheduler)."
+        )
+    if design.is_tokenized and (image_encoder is None or feature_extractor is None):
+        raise ValueError(
+            "The tokenized_cross_attention interaction needs the `image_encoder` (CLIPVisionModelWithProjection) "
+            "and `feature_extractor` (CLIPImageProcessor) components."
+        )
+    query, support = unet_config.in_channels, unet_config.get("in_channels_ref", 8)
+    if query != design.query_channels or support != design.support_channels:
+        raise ValueError(
+            f"The UNet takes {query} query and {support} support channels, the design ({design.describe()}) "
+            f"{design.query_channels} and {design.support_channels}: build it with "
+            "DiffewSUNet2DConditionModel.from_unet(unet, design=...)."
+        )
+
+
 def mask_grid(mask: torch.Tensor, size) -> torch.Tensor:
     """[..., C, R, R] mask in {-1, 1} -> [..., 1, h, w] in {0, 1}: the object, nearest-resized to `size` (h, w)."""
     lead = mask.shape[:-3]

@@ -23,6 +23,41 @@ ENSEMBLE_REDUCTIONS = ("median", "mean")
 DEFAULT_MULTISTEP_STEPS = 10
 
 
+def check_generation_config(design, ensemble_reduction: str, num_inference_steps: int | None) -> None:
+    """Refuses a pipeline config whose generation settings its design cannot use."""
+    if ensemble_reduction not in ENSEMBLE_REDUCTIONS:
+        raise ValueError(f"`ensemble_reduction` must be one of {ENSEMBLE_REDUCTIONS}, got {ensemble_reduction!r}.")
+    if not design.is_multistep and num_inference_steps not in (None, 1):
+        raise ValueError(
+            f"The oi2m generation takes one step: `num_inference_steps` must be None or 1, got {num_inference_steps!r}."
+        )
+
+
+def generation_options(design, config, num_inference_steps, ensemble_size, generator, support_token_sampling) -> dict:
+    """A call's generation settings, checked against `design`; None takes the pipeline `config`'s default."""
+    steps = num_inference_steps if num_inference_steps is not None else config.get("num_inference_steps")
+    if steps is None:
+        steps = DEFAULT_MULTISTEP_STEPS if design.is_multistep else 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {steps!r}.")
+    if not design.is_multistep and steps != 1:
+        raise ValueError(f"The oi2m generation takes one step: `num_inference_steps` must be 1, got {steps}.")
+    members = ensemble_size if ensemble_size is not None else config.get("ensemble_size", 1)
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ValueError(f"`ensemble_size` must be a positive integer, got {members!r}.")
+    if members > 1 and design.generation != "mn2m":
+        raise ValueError(
+            f"`ensemble_size` > 1 needs random draws: only the mn2m generation has them, not {design.generation}."
+        )
+    if not isinstance(support_token_sampling, bool):
+        raise ValueError(f"`support_token_sampling` must be True or False, got {support_token_sampling!r}.")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    return {"num_inference_steps": steps, "ensemble_size": members, "generator": generator,
+            "support_token_sampling": support_token_sampling,
+            "ensemble_reduction": config.get("ensemble_reduction", "median")}
+
+
 def generate(
     generation: str,
     unet_step: Callable[[torch.Tensor, torch.Tensor | int], torch.Tensor],

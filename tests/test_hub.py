@@ -37,7 +37,7 @@ def test_saved_folder_is_self_contained(saved_pipeline):
     assert (saved_pipeline / "unet" / "unet_diffews.py").is_file()
     assert (saved_pipeline / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(saved_pipeline.rglob("*.bin"))
-    helpers = {"image_processor_diffews", "device_speedups", "design_diffews", "generation_diffews"}  # imported relatively by the pipeline file, saved beside it
+    helpers = {"image_processor_diffews", "device_speedups", "design_diffews", "generation_diffews", "support_diffews"}  # imported relatively by the pipeline file, saved beside it
     assert all((saved_pipeline / f"{name}.py").is_file() for name in helpers)
     codes = [saved_pipeline / "unet" / "unet_diffews.py", saved_pipeline / "pipeline_diffews.py"]
     for code in codes + [saved_pipeline / f"{name}.py" for name in helpers]:
@@ -45,7 +45,7 @@ def test_saved_folder_is_self_contained(saved_pipeline):
         relative = {line.split()[1][1:] for line in lines if line.startswith("from .")}
         imports = {line.split()[1].split(".")[0] for line in lines if not line.startswith("from .")}
         assert imports <= {"__future__", "importlib", "inspect", "json", "math", "os", "shutil", "dataclasses",
-                           "typing", "collections", "contextlib", "numpy", "PIL", "torch", "diffusers"}, imports
+                           "typing", "collections", "contextlib", "functools", "numpy", "PIL", "torch", "diffusers"}, imports
         assert relative <= (helpers if code.name == "pipeline_diffews.py" else set()), relative
 
 

@@ -67,9 +67,10 @@ def test_one_new_shot_runs_one_support_pass_and_equals_all_shots_at_once(pipe, s
     assert base.num_shots == 2 and all(torch.equal(base_keys[n], k) for n, (k, _) in base.key_values.layers.items())
 
     at_once = pipe.encode_support(IMAGES, MASKS)
+    # a support pass of 1 shot and one of 3 shots block their matrix products differently: a few 1e-5 apart on some CPUs
     for name, (key, value) in at_once.key_values.layers.items():
-        torch.testing.assert_close(grown.key_values.layers[name][0], key, atol=1e-5, rtol=0)
-        torch.testing.assert_close(grown.key_values.layers[name][1], value, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grown.key_values.layers[name][0], key, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grown.key_values.layers[name][1], value, atol=1e-5, rtol=1e-4)
     _assert_same_outputs(pipe, grown, at_once, batch_size=2)
 
 
