@@ -70,8 +70,8 @@ def supports_blanked(enabled: bool = True):
 
     original = script.encode_episodes
 
-    def encode_blank(vae, pixels, sample: bool = False) -> EpisodeLatents:
-        return zero_supports(original(vae, pixels, sample=sample))
+    def encode_blank(vae, pixels, sample: bool = False, design=None) -> EpisodeLatents:
+        return zero_supports(original(vae, pixels, sample=sample, design=design))
 
     if enabled:
         script.encode_episodes = encode_blank

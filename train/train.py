@@ -7,6 +7,26 @@
 The defaults are the authors' recipe: AdamW (lr 1e-5, weight decay 0.01, betas (0.9, 0.999), eps 1e-8), linear
 decay to 1e-7 without warm-up, gradient clipping 1.0, fp16 on GPU, batch 1 x accumulation 4, 1..2 shots per step,
 loss MSE(unet_output, -z_query_mask). The VAE is frozen; the whole UNet (with `conv_in_ref`) is trained.
+
+The design (the paper's design space: `--interaction`, `--mask-injection`, `--target`, `--generation`, with
+`--beta-start` / `--beta-end` and `--image-encoder`) is the --pretrained pipeline's unless an option is given; an
+option given changes that choice alone, the pipeline is adapted to the design before the first step, and the saved
+pipeline carries it (`pipeline_diffews.checkpoints.design_components`):
+
+- the UNet is rebuilt for the design (`DiffewSUNet2DConditionModel.from_unet`), every weight both designs share
+  copied: the whole UNet for a change of target, of `mi2m` <-> `oi2m`, of `kv_fusion` <-> `qkv_fusion`, of
+  `multiply` <-> `add` <-> `multiply_latent` <-> `attention_mask` (the same 4-channel `conv_in_ref`);
+- `conv_in_ref` of another width is made anew from `conv_in` (8 channels for `concat`: repeated and halved, bias
+  copied; 4 channels: a copy); the tokenized interaction drops it and adds `support_token_proj` (the image encoder's
+  token width to the cross-attention width: the identity when they match, else PyTorch's default initialisation);
+- `mn2m` widens `conv_in` to 8 channels (image latent, noisy mask latent) as Marigold: repeated and halved; leaving
+  `mn2m` sums the two halves back;
+- `mi2m` / `mn2m` get a DDIM scheduler (`make_scheduler`: the --pretrained one is kept when the generation is
+  unchanged and no beta is given), `oi2m` none;
+- the tokenized interaction loads `--image-encoder` (frozen, like the VAE), or keeps the --pretrained pipeline's;
+  the other interactions drop it.
+
+Training with 1..N shots per step (the paper's DiffewS-n) is `--max-shots N`.
 """
 
 from __future__ import annotations
@@ -26,11 +46,18 @@ from diffusers.optimization import get_polynomial_decay_schedule_with_warmup  # 
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline_diffews import DiffewSUNet2DConditionModel, ModelNotFoundError, load_pipeline  # noqa: E402
+from pipeline_diffews.checkpoints import (  # noqa: E402
+    CheckpointError,
+    add_design_arguments,
+    design_components,
+    design_from_options,
+    load_image_encoder,
+)
 from pipeline_diffews.hub import build_model_card  # noqa: E402
 from train.checkpointing import CheckpointUploader, check_resume, resolve_resume, save_checkpoint  # noqa: E402
 from train.data import SOURCES, ConcatSource, TrainingEpisodes, build_source  # noqa: E402
 from train.data.registry import ROOTLESS_SOURCES  # noqa: E402
-from train.episode_batch import EpisodeCollator, diffews_loss, encode_episodes  # noqa: E402
+from train.episode_batch import EpisodeCollator, TrainingDesign, diffews_loss, encode_episodes  # noqa: E402
 from train.source_options import add_source_option_argument, source_option  # noqa: E402
 
 logger = get_logger("diffews.train")
@@ -87,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--hub-private", action="store_true")
     a("--cpu", action="store_true", help="Train on CPU (several processes: accelerate launch --multi_gpu).")
     add_source_option_argument(p)
+    add_design_arguments(p, default_help="default: the --pretrained pipeline's")
     args = p.parse_args(argv)
     if args.data_root is None and args.dataset not in ROOTLESS_SOURCES:
         p.error(f"--data-root is required for --dataset {args.dataset}")
@@ -118,20 +146,47 @@ def make_accelerator(args) -> Accelerator:
     )
 
 
+DESIGN_OPTIONS = ("interaction", "mask_injection", "target", "generation")
+
+
+def adapt_design(args, pipe):
+    """`pipe` adapted to the design options given (see the module's docstring); unchanged when none is given."""
+    given = [name for name in (*DESIGN_OPTIONS, "beta_start", "beta_end", "image_encoder")
+             if getattr(args, name) is not None]
+    if not given:
+        return pipe
+    design = design_from_options(pipe.unet.config.get("design"), **{k: getattr(args, k) for k in DESIGN_OPTIONS})
+    if args.image_encoder is not None:
+        if design.interaction != "tokenized_cross_attention":
+            raise CheckpointError(
+                f"--image-encoder is used by the tokenized_cross_attention interaction only, not {design.interaction}."
+            )
+        encoder, processor = load_image_encoder(args.image_encoder)
+    else:
+        encoder, processor = getattr(pipe, "image_encoder", None), getattr(pipe, "feature_extractor", None)
+    components = design_components(pipe.unet, design, getattr(pipe, "scheduler", None), encoder, processor,
+                                   args.beta_start, args.beta_end)
+    pipe.register_modules(**components)
+    logger.info(f"Design: {design.describe()}", main_process_only=True)
+    return pipe
+
+
 def load_models(args, accelerator):
-    """The pipeline's UNet (trained, float32 master weights) and VAE (frozen, cast to the mixed-precision dtype)."""
-    pipe = load_pipeline(args.pretrained, dtype=torch.float32)
-    unet, vae = pipe.unet, pipe.vae
-    vae.requires_grad_(False).eval()
-    unet.requires_grad_(True).train()
+    """The pipeline adapted to the design options: its UNet trained (float32 master weights), its VAE and image
+    encoder (if any) frozen, on the device, cast to the mixed-precision dtype."""
+    pipe = adapt_design(args, load_pipeline(args.pretrained, dtype=torch.float32))
+    pipe.unet.requires_grad_(True).train()
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        pipe.unet.enable_gradient_checkpointing()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    vae.to(accelerator.device)
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        vae.to(torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16)
-    return unet, vae, pipe.config.timestep
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+    for frozen in (pipe.vae, getattr(pipe, "image_encoder", None)):
+        if frozen is not None:
+            frozen.requires_grad_(False).eval().to(accelerator.device)
+            if dtype is not None:
+                frozen.to(dtype)
+    return pipe
 
 
 def make_optimizer(args, accelerator, unet):
@@ -207,14 +262,27 @@ def log_step(accelerator, progress, step: int, loss: float, lr: float, shots: in
     accelerator.log({"loss": loss, "lr": lr, "shots": shots}, step=step)
 
 
-def save_pipeline(accelerator, args, unet) -> None:
-    """Writes the trained pipeline (UNet in float32, the original VAE and settings) to `args.output_dir`."""
+def design_parts(args, pipe) -> dict:
+    """The optional components of the trained pipeline's design, as `save_pipeline` passes them: the scheduler; the
+    image encoder of --image-encoder read again in float32 (one kept from --pretrained is read from there); None for
+    those the design has not."""
+    parts = {"scheduler": getattr(pipe, "scheduler", None)}
+    if getattr(pipe, "image_encoder", None) is None:
+        parts.update(image_encoder=None, feature_extractor=None)
+    elif args.image_encoder is not None:
+        parts.update(zip(("image_encoder", "feature_extractor"), load_image_encoder(args.image_encoder)))
+    return parts
+
+
+def save_pipeline(accelerator, args, unet, design_parts: dict) -> None:
+    """Writes the trained pipeline (UNet in float32, the original VAE and settings, the design's scheduler and image
+    encoder `design_parts`) to `args.output_dir`."""
     state = accelerator.get_state_dict(unet)  # on every process: gathers sharded (FSDP / ZeRO-3) weights
     if not accelerator.is_main_process:
         return
     trained = DiffewSUNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
     trained.load_state_dict({k: v.float().cpu() for k, v in state.items()})
-    pipe = load_pipeline(args.pretrained, unet=trained, processing_resolution=args.resolution)
+    pipe = load_pipeline(args.pretrained, unet=trained, processing_resolution=args.resolution, **design_parts)
     pipe.save_pretrained(args.output_dir)
     readme = Path(args.output_dir) / "README.md"
     if args.push_to_hub and not readme.is_file():
@@ -233,7 +301,8 @@ def main(argv=None) -> int:
     resume = resolve_resume(args.resume, args.output_dir)
     first_step = check_resume(args, accelerator, resume)
 
-    unet, vae, timestep = load_models(args, accelerator)
+    pipe = load_models(args, accelerator)
+    unet, vae, timestep, design = pipe.unet, pipe.vae, pipe.config.timestep, TrainingDesign.of(pipe)
     optimizer, scheduler = make_optimizer(args, accelerator, unet)
     source, loader = build_loader(args, accelerator, first_step)
     unet, optimizer, loader, scheduler = accelerator.prepare(unet, optimizer, loader, scheduler)
@@ -257,8 +326,8 @@ def main(argv=None) -> int:
     for pixels in loader if step < last_step else ():  # nothing to run when resuming at the last step
         shots = pixels.support.shape[1]
         with accelerator.accumulate(unet):
-            latents = encode_episodes(vae, pixels, sample=sample)
-            loss = diffews_loss(unet, latents, timestep)
+            latents = encode_episodes(vae, pixels, sample=sample, design=design)
+            loss = diffews_loss(unet, latents, timestep, design=design)  # noise and timesteps: torch's generator
             losses = accelerator.gather(loss.detach().reshape(1))  # every process sees every process's loss
             check_finite(losses, step + 1, shots)
             accelerator.backward(loss)
@@ -281,7 +350,7 @@ def main(argv=None) -> int:
 
     accelerator.wait_for_everyone()
     if step >= args.max_steps:
-        save_pipeline(accelerator, args, unet)
+        save_pipeline(accelerator, args, unet, design_parts(args, pipe))
         if uploader is not None:
             uploader.submit(args.output_dir, "", ignore_patterns=["checkpoint-*"],
                             commit_message="Trained DiffewS pipeline")
@@ -302,3 +371,5 @@ if __name__ == "__main__":
         sys.exit(2)
     except ModelNotFoundError as error:  # one line, no traceback: the model named cannot be loaded
         sys.exit(f"error: --pretrained {error}")
+    except CheckpointError as error:  # a design the paper does not define, a missing --image-encoder, ...
+        sys.exit(f"error: {error}")
