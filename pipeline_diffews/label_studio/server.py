@@ -27,44 +27,38 @@ def create_app(backend: Backend):
     """The FastAPI application serving `backend`."""
     app = FastAPI(title="DiffewS Label Studio ML backend", docs_url=None, redoc_url=None)
 
-    async def answer(request: Request, handler):
-        try:
-            payload = await request.json()
-        except ValueError:
-            return _error(400, f"{request.url.path}: the body is not JSON")
-        if not isinstance(payload, dict):
-            return _error(400, f"{request.url.path}: the body is not a JSON object")
-        try:
-            return JSONResponse(await run_in_threadpool(handler, payload))
-        except BackendError as error:
-            return _error(error.status, str(error))
-        except Exception as error:  # noqa: BLE001 - a bug: one reply, the traceback in the log, the server goes on
-            logger.exception("%s failed", request.url.path)
-            return _error(500, f"{request.url.path} failed: {type(error).__name__}: {error}")
-
     def _error(status: int, message: str):
         logger.error("%s", message)
         return JSONResponse({"error": message}, status_code=status)
+
+    def route(handler):
+        """An endpoint that passes the JSON object of the request to `handler` and answers what it returns."""
+
+        async def endpoint(request: Request):
+            path = request.url.path
+            try:
+                payload = await request.json()
+            except ValueError:
+                return _error(400, f"{path}: the body is not JSON")
+            if not isinstance(payload, dict):
+                return _error(400, f"{path}: the body is not a JSON object")
+            try:
+                return JSONResponse(await run_in_threadpool(handler, payload))
+            except BackendError as error:
+                return _error(error.status, str(error))
+            except Exception as error:  # noqa: BLE001 - a bug: one reply, the traceback in the log, the server goes on
+                logger.exception("%s failed", path)
+                return _error(500, f"{path} failed: {type(error).__name__}: {error}")
+
+        return endpoint
 
     @app.get("/")
     @app.get("/health")
     def health():
         return backend.health()
 
-    @app.post("/setup")
-    async def setup(request: Request):
-        return await answer(request, backend.setup)
-
-    @app.post("/predict")
-    async def predict(request: Request):
-        return await answer(request, backend.predict)
-
-    @app.post("/webhook")
-    async def webhook(request: Request):
-        return await answer(request, backend.webhook)
-
-    @app.post("/train")
-    async def train(request: Request):
-        return await answer(request, backend.train)
+    for path, handler in [("/setup", backend.setup), ("/predict", backend.predict), ("/webhook", backend.webhook),
+                          ("/train", backend.train)]:
+        app.add_api_route(path, route(handler), methods=["POST"])
 
     return app
