@@ -110,11 +110,11 @@ CELLS = (("1-shot", 1, False), ("5-shot", 5, False), ("5-shot sampled", 5, True)
 
 PRESETS = {
     # The tiny model on a CPU: generated scenes, every design the same small budget (docs/ablation.md).
-    "tiny": dict(dataset="synthetic", steps=200, batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3,
-                 lr_end=1e-5, resolution=64, episodes=200, eval_batch_size=16, max_shots=1),
+    "tiny": dict(dataset="synthetic", steps=250, batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3,
+                 lr_end=1e-5, resolution=64, episodes=200, eval_batch_size=16, max_shots=1, num_inference_steps=5),
     # The paper's ablation protocol (COCO-20i fold 0, one GPU, effective batch 4, 10k steps, lr 1e-5).
     "paper": dict(dataset="coco20i", steps=10_000, batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-5,
-                  lr_end=1e-7, resolution=512, episodes=None, eval_batch_size=4, max_shots=1),
+                  lr_end=1e-7, resolution=512, episodes=None, eval_batch_size=4, max_shots=1, num_inference_steps=None),
 }
 
 # What the paper publishes (COCO-20i fold 0, 1 shot, mIoU): design name -> value; the figures without values in
@@ -150,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--fold", type=int, default=None, help="Train on the fold's training classes, score its test classes.")
     for name, kind in (("steps", int), ("batch-size", int), ("gradient-accumulation-steps", int),
                        ("learning-rate", float), ("lr-end", float), ("resolution", int), ("episodes", int),
-                       ("eval-batch-size", int), ("max-shots", int)):
+                       ("eval-batch-size", int), ("max-shots", int), ("num-inference-steps", int)):
         a(f"--{name}", type=kind, default=None, help="Default: the preset's.")
     a("--no-thresholds", dest="thresholds", action="store_false", help="Skip the threshold rows (Table 3).")
     a("--seed", type=int, default=0, help="Seed of the initial weights and of every training.")
@@ -164,8 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if not args.output_dir:
         p.error("--output-dir is required")
+    given = {k for k in PRESETS[args.preset] if getattr(args, k) is not None}
     for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
+        if key not in given:
             setattr(args, key, value)
     if args.pretrained is None and args.preset != "tiny":
         p.error("--preset paper needs --pretrained (a pipeline from python -m pipeline_diffews.init_from_sd)")
@@ -238,8 +239,8 @@ def train_argv(args, design: Design, pretrained: Path, image_encoder: Path | Non
 
 
 def evaluate_argv(args, pretrained: Path, output: Path, shots: int, sampled: bool, seed: int = 0,
-                  threshold: tuple[str, float] | None = None) -> list[str]:
-    """The `train/evaluate.py` command line of one cell."""
+                  threshold: tuple[str, float] | None = None, multistep: bool = False) -> list[str]:
+    """The `train/evaluate.py` command line of one cell (`multistep`: the design takes --num-inference-steps)."""
     argv = ["--pretrained", str(pretrained), "--dataset", args.dataset, "--shots", str(shots),
             "--resolution", str(args.resolution), "--batch-size", str(args.eval_batch_size), "--seed", str(seed),
             "--output", str(output)]
@@ -255,6 +256,8 @@ def evaluate_argv(args, pretrained: Path, output: Path, shots: int, sampled: boo
         argv.append("--support-token-sampling")
     if threshold is not None:
         argv += ["--threshold-mode", threshold[0], "--threshold", str(threshold[1])]
+    if multistep and args.num_inference_steps is not None:
+        argv += ["--num-inference-steps", str(args.num_inference_steps)]
     if args.cpu:
         argv += ["--cpu", "--num-workers", "0"]
     return argv
@@ -291,9 +294,10 @@ def run_design(args, name: str, pretrained: Path, image_encoder: Path | None, ou
     record = {"design": name, "title": design.title, "training": watch.as_dict(),
               "train_command": command_line_of("train/train.py", argv), "cells": {}}
     evaluations = folder / "evaluations"
+    multistep = design.design.is_multistep
     for cell, shots, sampled in CELLS:
-        record["cells"][cell] = run_evaluation(
-            evaluate_argv(args, folder, evaluations / f"{cell.replace(' ', '_')}.json", shots, sampled))
+        record["cells"][cell] = run_evaluation(evaluate_argv(
+            args, folder, evaluations / f"{cell.replace(' ', '_')}.json", shots, sampled, multistep=multistep))
     if name == DIFFEWS:
         record["cells"]["1-shot, second draw"] = run_evaluation(
             evaluate_argv(args, folder, evaluations / "1-shot_seed1.json", 1, False, seed=1))
@@ -304,7 +308,7 @@ def run_design(args, name: str, pretrained: Path, image_encoder: Path | None, ou
                     for value in values}
                 for mode, values in THRESHOLDS.items()}
     record["evaluate_command"] = command_line_of("train/evaluate.py", evaluate_argv(
-        args, folder, evaluations / "5-shot_sampled.json", 5, True))
+        args, folder, evaluations / "5-shot_sampled.json", 5, True, multistep=multistep))
     write_json(record_file, record)
     print(f"{name}: {json.dumps({k: v['miou'] for k, v in record['cells'].items()})}", flush=True)
     return record
@@ -313,6 +317,17 @@ def run_design(args, name: str, pretrained: Path, image_encoder: Path | None, ou
 def command_line_of(script: str, argv: list[str]) -> str:
     """`python SCRIPT ARGV` with absolute paths written relative to the repository root."""
     return command_line("x", argv).replace("python -m x", f"python {script}", 1)
+
+
+def git_commit() -> str | None:
+    """The repository's commit the run started from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def run_now(fn, *args) -> Future:
@@ -455,8 +470,8 @@ def markdown(results: dict) -> str:
     steps = {n: results["designs"][n]["cells"]["1-shot"].get("num_inference_steps")
              for n in (MI2M_LOW, MI2M_HIGH, MN2M) if n in results["designs"]}
     if steps:
-        lines += ["", "Inference steps of the multi-step designs (the pipeline's defaults): " + ", ".join(
-            f"{n} {s}" for n, s in steps.items()) + "."]
+        lines += ["", "Inference steps of the multi-step designs (`--num-inference-steps`; the paper does not state "
+                  "its counts): " + ", ".join(f"{TITLES.get(n, n)} {s}" for n, s in steps.items()) + "."]
     lines += ["", "## Table 3: the threshold (DiffewS, 1 shot)", ""]
     thresholds = results["designs"].get(DIFFEWS, {}).get("thresholds")
     if thresholds:
@@ -511,7 +526,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    info, start = machine(), time.perf_counter()
+    info, start, commit = machine(), time.perf_counter(), git_commit()
     command = command_line("benchmarks.ablation", argv)
     pretrained, image_encoder = initial_pipeline(args, output_dir)
 
@@ -527,6 +542,7 @@ def main(argv=None) -> int:
 
     config = {k: repo_relative(v) for k, v in vars(args).items() if k not in ("render", "output", "page")}
     results = {"config": config, "designs": designs, "machine": info, "load_average_end": load_average(),
+               "commit": commit,
                "wall_s": round(time.perf_counter() - start, 1), "jobs": args.jobs, "command": command,
                "output": repo_relative(args.output) if args.output else None}
     results["orderings"] = orderings(results)
