@@ -269,3 +269,37 @@ def test_bad_input_gets_an_error_reply_and_the_server_goes_on(unreachable_app, c
         "status"] == "ignored"
     assert unreachable_app.post("/train", json={"project": "1.1700000000"}).json() == {"status": "queued"}
     assert not [r for r in caplog.records if r.exc_info]  # no traceback: every failure was one line
+
+
+# -- the command --
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threshold", "2"], "--threshold must be in [0, 1], got 2.0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    ([], "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"),
+    (["--label-studio-url", "http://127.0.0.1:1", "--api-key", "k", "--model", "no/such/folder/here"],
+     "--model no/such/folder/here"),
+])
+def test_command_usage_errors_are_one_line(argv, words, monkeypatch, caplog):
+    from pipeline_diffews.cli import main
+
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    model = [] if "--model" in argv else ["--model", "examples/tiny-fewshot-pipeline"]
+    assert main(["label-studio", *model, *argv]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and words in errors[0] and "\n" not in errors[0]
+
+
+def test_model_versions_name_the_settings_that_change_predictions():
+    from pipeline_diffews.cli import build_parser
+    from pipeline_diffews.label_studio.command import model_name
+
+    def name(*argv):
+        return model_name(build_parser().parse_args(["label-studio", *argv]))
+
+    assert name("--model", "incontext") == "incontext"
+    assert name("--model", "runs/my-model/") == "my-model"
+    assert name("--model", "user/repo", "--processing-resolution", "768", "--threshold", "0.4",
+                "--threshold-mode", "absolute") == "repo-r768-t0.4-absolute"

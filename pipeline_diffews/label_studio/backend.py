@@ -42,11 +42,13 @@ class BackendError(Exception):
 
 @dataclass
 class Project:
-    """What the backend knows of one project: its config and example set."""
+    """What the backend knows of one project: its config, its example set, and the set's model version as of the
+    worker's last change (read by /setup without waiting for the worker)."""
 
     id: int
     config: LabelConfig
     examples: ExampleSet
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,14 @@ class Backend:
         return {"status": "UP", "model_class": "DiffewS", "model": self.model_name}
 
     def setup(self, payload: dict) -> dict:
-        """`/setup`: {project: "<id>.<created>", schema: label config XML, ...} -> {model_version}. Reads the project
-        the first time (waiting up to SETUP_WAIT seconds; a longer read goes on behind)."""
+        """`/setup`: {project: "<id>.<created>", schema: label config XML, ...} -> {model_version}. A project seen
+        before answers at once; a new one (or one whose config changed) is read first, waiting up to SETUP_WAIT
+        seconds (a longer read goes on behind)."""
         project_id = _project_id(payload.get("project"))
         config = _config(payload.get("schema"))
+        known = self._projects.get(project_id)
+        if known is not None and known.config.xml == config.xml:
+            return {"model_version": known.version}
         future = self._worker.submit(self._ensure, project_id, config)
         try:
             project = future.result(timeout=SETUP_WAIT)
@@ -96,7 +102,7 @@ class Backend:
             return {"model_version": f"{self.model_name}-reading"}
         except (LabelStudioError, LabelConfigError) as error:
             raise _error(error) from None
-        return {"model_version": project.examples.model_version}
+        return {"model_version": project.version}
 
     def predict(self, payload: dict) -> dict:
         """`/predict`: {tasks: [...], project: "<id>.<created>", label_config} -> {results: [one per task, in
@@ -161,10 +167,10 @@ class Backend:
         if old is not None and old.config.labels == config.labels:
             examples.adopt(old.examples)
         project = Project(project_id, config, examples)
-        self._projects[project_id] = project
         self._encode(project)
+        self._projects[project_id] = project
         logger.info("project %d: %d example(s) read from Label Studio in %.1f s; model version %s", project_id,
-                    len(examples), time.perf_counter() - start, examples.model_version)
+                    len(examples), time.perf_counter() - start, project.version)
         return project
 
     def _put(self, examples: ExampleSet, config: LabelConfig, annotation: dict, task: dict, key: str,
@@ -183,8 +189,10 @@ class Backend:
         return examples.put(annotation_id, task.get("id"), url, read.masks)
 
     def _encode(self, project: Project) -> None:
+        """Encodes the shots added or changed, and publishes the set's version."""
         for problem in project.examples.encode_pending():
             logger.warning("project %d: %s", project.id, problem)
+        project.version = project.examples.model_version
 
     def _event(self, action: str, project_id: int, payload: dict) -> None:
         if action == "PROJECT_DELETED":
@@ -199,7 +207,7 @@ class Backend:
             if xml and xml != project.config.xml:
                 self._read(project_id)
             return
-        examples, before = project.examples, project.examples.model_version
+        examples, before = project.examples, project.version
         if action in ANNOTATION_EVENTS:
             annotations, tasks = _listed(payload.get("annotation")), _listed(payload.get("task"))
             by_id = {task.get("id"): task for task in tasks}
@@ -214,44 +222,43 @@ class Backend:
         elif action == "TASKS_DELETED":
             examples.remove_tasks([item.get("id") for item in _listed(payload.get("tasks"))])
         self._encode(project)
-        if examples.model_version != before:
+        if project.version != before:
             logger.info("project %d: %s -> %d example(s), model version %s", project_id, action, len(examples),
-                        examples.model_version)
+                        project.version)
 
     def _predict(self, project_id: int, config: LabelConfig | None, tasks: list[dict]) -> dict:
         start = time.perf_counter()
         project = self._ensure(project_id, config)
-        examples, config = project.examples, project.config
         self._encode(project)
-        version = examples.model_version
-        support = examples.support()
+        version, support = project.version, project.examples.support()
         answers = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         if support is None:
             logger.info("project %d: no example yet: %d empty prediction(s)", project_id, len(tasks))
             return {"results": answers}
-        key, failures, images = config.data_keys[0], [], {}
-        for index, task in enumerate(tasks):
-            try:
-                images[index] = self.client.read_image((task.get("data") or {}).get(key), task.get("id"))
-            except ImageReadError as error:
-                failures.append(f"task {task.get('id')}: {error}")
-        for line in failures:
-            logger.warning("project %d, %s", project_id, line)
-        if tasks and not images:
-            raise BackendError(422, f"project {project_id}: no image could be read ({failures[0]})")
-        indices = list(images)
-        size = self.settings.batch_size
-        for chunk in (indices[i : i + size] for i in range(0, len(indices), size)):
-            output = self.pipe([images[i] for i in chunk], support=support, output_type="np",
+        key, size, failures = project.config.data_keys[0], self.settings.batch_size, []
+        for first in range(0, len(tasks), size):  # images are read a batch at a time
+            images = {}
+            for index in range(first, min(first + size, len(tasks))):
+                task = tasks[index]
+                try:
+                    images[index] = self.client.read_image((task.get("data") or {}).get(key), task.get("id"))
+                except ImageReadError as error:
+                    failures.append(f"task {task.get('id')}: {error}")
+                    logger.warning("project %d, %s", project_id, failures[-1])
+            if not images:
+                continue
+            output = self.pipe(list(images.values()), support=support, output_type="np",
                                processing_resolution=support.processing_resolution, threshold=self.settings.threshold,
                                threshold_mode=self.settings.threshold_mode, batch_size=size)
-            for j, index in enumerate(chunk):
+            for j, index in enumerate(images):
                 masks, scores = _label_masks(output, j)
-                result = prediction_results(masks, scores, config)
                 score = float(np.mean(list(scores.values()))) if scores else 0.0
-                answers[index] = {"result": result, "score": score, "model_version": version}
-        logger.info("project %d: %d task(s) predicted with %d example(s) (%s) in %.1f s", project_id, len(images),
-                    len(examples), version, time.perf_counter() - start)
+                answers[index] = {"result": prediction_results(masks, scores, project.config), "score": score,
+                                  "model_version": version}
+        if tasks and len(failures) == len(tasks):
+            raise BackendError(422, f"project {project_id}: no image could be read ({failures[0]})")
+        logger.info("project %d: %d task(s) predicted with %d example(s) (%s) in %.1f s", project_id,
+                    len(tasks) - len(failures), len(project.examples), version, time.perf_counter() - start)
         return {"results": answers}
 
 

@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to Label Studio is too many
     log = logging.getLogger("pipeline_diffews.label_studio")
+    problem = _bad_value(args)
+    if problem:
+        log.error("%s", problem)
+        return 2
     if not args.label_studio_url or not args.api_key:
         log.error("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --label-studio-url and --api-key): the backend "
                   "reads the project's images and annotations from Label Studio")
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     except LabelStudioError as error:  # it may start later, or the key be fixed: the backend serves anyway
         log.warning("%s", error)
     settings = Settings(args.processing_resolution, args.threshold, args.threshold_mode, args.batch_size)
-    backend = Backend(pipe, client, _model_name(args.model), settings)
+    backend = Backend(pipe, client, model_name(args), settings)
     log.info("DiffewS %s on %s: ML backend at http://%s:%d", args.model, device, args.host, args.port)
     try:
         uvicorn.run(create_app(backend), host=args.host, port=args.port, log_level="warning")
@@ -98,6 +102,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_name(model: str) -> str:
-    """The model's name in model versions: an official name, a folder's name, a Hub repository's name."""
-    return Path(str(model).rstrip("/\\")).name or str(model)
+def model_name(args: argparse.Namespace) -> str:
+    """The first part of the model versions: the model's name (an official name, a folder's or a Hub repository's
+    name), then the settings that change predictions, when given (`incontext-r768-t0.4-absolute`)."""
+    parts = [Path(str(args.model).rstrip("/\\")).name or str(args.model)]
+    if args.processing_resolution:
+        parts.append(f"r{args.processing_resolution}")
+    if args.threshold is not None:
+        parts.append(f"t{args.threshold:g}")
+    if args.threshold_mode:
+        parts.append(args.threshold_mode)
+    return "-".join(parts)
+
+
+def _bad_value(args: argparse.Namespace) -> str | None:
+    """One line naming the first option out of range, or None."""
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        return f"--threshold must be in [0, 1], got {args.threshold}"
+    if args.batch_size < 1:
+        return f"--batch-size must be a positive integer, got {args.batch_size}"
+    if args.processing_resolution is not None and args.processing_resolution < 8:
+        return f"--processing-resolution must be at least 8, got {args.processing_resolution}"
+    if not 0 < args.port < 65536:
+        return f"--port must be in 1..65535, got {args.port}"
+    return None
