@@ -436,7 +436,7 @@ class DiffewSPipeline(DiffusionPipeline):
             mask_latents = latents[count - len(masks) : count] if design.mask_injection == "concat" else None
             samples = design.support_sample(picture_latents, mask_latents, torch.stack(masks).to(latents.device))
         masks_per_class = [len(shots) for s in sets for shots in s.shots]
-        per_episode = iter(samples.split(masks_per_class))
+        per_episode = iter(samples.contiguous().split(masks_per_class))  # the layout decides the convolutions' rounding
         episodes = [  # per (set, class): the support sample of each shot showing the class, [n, C, h, w]
             (k, c, next(per_episode)) for k, s in enumerate(sets) for c, shots in enumerate(s.shots)
         ]
@@ -520,9 +520,10 @@ class DiffewSPipeline(DiffusionPipeline):
         if latents is None:
             latents = self._encode_images(queries, resolution)
         members = generation.get("ensemble_size", 1)
-        latents = latents.to(self.unet.dtype).repeat(members, 1, 1, 1)  # member-major: [E * B, 4, h, w]
-        if members > 1 and key_values.num_episodes > 1:
-            key_values = type(key_values).cat([key_values] * members)
+        latents = latents.to(self.unet.dtype)
+        if members > 1:  # member-major: [E * B, 4, h, w]
+            latents = latents.repeat(members, 1, 1, 1)
+            key_values = type(key_values).cat([key_values] * members) if key_values.num_episodes > 1 else key_values
         sampling = generation.get("support_token_sampling", False)
         generator = generation.get("generator")
 
@@ -535,10 +536,9 @@ class DiffewSPipeline(DiffusionPipeline):
                                  generation.get("num_inference_steps", 1), generator)
         decoded = self.vae.decode(clean_latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         decoded = ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
-        image = None
-        if design.target != "white_foreground":
-            pixels = torch.stack([self.image_processor.image_to_tensor(q, resolution) for q in queries])
-            image = ((pixels + 1) / 2).repeat(members, 1, 1, 1)
+        image = None if design.target == "white_foreground" else (  # the query in [0, 1], for the target's rule
+            (torch.stack([self.image_processor.image_to_tensor(q, resolution) for q in queries]) + 1) / 2
+        ).repeat(members, 1, 1, 1)
         maps = self.image_processor.prediction_map(decoded, image, design.target)
         return reduce_ensemble(maps, members, generation.get("ensemble_reduction", "median"))
 
