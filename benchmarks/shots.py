@@ -8,7 +8,9 @@ one 640 x 480 query processed at 512 x 512. For each precision:
 - the time of one cached query, `pipe(query, support=support)`, for 1, 5 and 10 shots (the support pass excluded),
   and its ratio to 1 shot. Only the query pass's self-attention grows with the shots (each layer attends to the
   query's tokens plus N times as many support tokens). The N-shot caches repeat the one encoded shot's keys/values
-  N times: the same shapes, hence the same compute, as N different shots.
+  N times: the same shapes, hence the same compute, as N different shots;
+- the same query with support-token sampling (`support_token_sampling=True`: each layer's support keys/values
+  sampled at random down to one shot's count), for every shot count above the smallest, beside the others.
 
 Calls are interleaved (1, 5, 10, 1, 5, 10, ...) so that a change in the machine's load touches every shot count;
 each call records its wall time and the process's CPU time, and the load average is recorded before and after.
@@ -16,6 +18,8 @@ each call records its wall time and the process's CPU time, and the load average
 Usage (from the repository root):
     python -m benchmarks.shots --threads 2 --output benchmarks/results/shots_cpu.json
     python -m benchmarks.shots --shots 1 5 --repeats 1 --dtypes bfloat16     # quicker
+    python -m benchmarks.shots --dtypes bfloat16 --resolution 256 --threads 2 \
+        --output benchmarks/results/shots_sampling_cpu_256px.json               # token sampling at a small size
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def cpu_precision() -> dict:
 def run_dtype(name: str, args) -> dict:
     """Support cost per shot and cached per-query times of one precision."""
     unet, vae = sd21_components(copy_weights=name != "float32")
-    pipe = DiffewSPipeline(unet=unet, vae=vae, processing_resolution=RESOLUTION, cpu_bfloat16=name == "bfloat16")
+    pipe = DiffewSPipeline(unet=unet, vae=vae, processing_resolution=args.resolution, cpu_bfloat16=name == "bfloat16")
     pipe.set_progress_bar_config(disable=True)
     data = episode(1, 1, seed=1)
     query = data["queries"][0]
@@ -93,20 +97,24 @@ def run_dtype(name: str, args) -> dict:
     print(f"  encode_support, 1 shot: {support_time['median']:.2f} s", flush=True)
 
     supports = {shots: repeated_support(one_shot, shots) for shots in args.shots}
-    calls = {shots: [] for shots in args.shots}
+    # (shots, token sampling): every count plain, and sampled above the smallest count
+    calls = {(shots, sampled): [] for shots in args.shots
+             for sampled in ((False, True) if shots > min(args.shots) else (False,))}
     for _ in range(args.repeats):
-        for shots in args.shots:
-            timed = time_calls(lambda: pipe(query, support=supports[shots]), 1, warmup=0)
-            calls[shots].append(timed)
-            print(f"  {shots:2d} shots: {timed['median']:.2f} s (CPU {timed['cpu_s']:.1f} s)", flush=True)
+        for shots, sampled in calls:
+            options = dict(support_token_sampling=True, generator=torch.Generator().manual_seed(0)) if sampled else {}
+            timed = time_calls(lambda: pipe(query, support=supports[shots], **options), 1, warmup=0)
+            calls[shots, sampled].append(timed)
+            print(f"  {shots:2d} shots{', sampled' if sampled else ''}: {timed['median']:.2f} s "
+                  f"(CPU {timed['cpu_s']:.1f} s)", flush=True)
 
     rows = []
-    for shots in args.shots:
-        runs = [c["median"] for c in calls[shots]]
-        rows.append(dict(dtype=name, shots=shots, median_s=statistics.median(runs), runs=runs,
-                         cpu_s=statistics.median(c["cpu_s"] for c in calls[shots]),
-                         peak_mib=max(c["peak_mib"] for c in calls[shots]),
-                         added_mib=max(c["added_mib"] for c in calls[shots])))
+    for (shots, sampled), timings in calls.items():
+        runs = [c["median"] for c in timings]
+        rows.append(dict(dtype=name, shots=shots, token_sampling=sampled, median_s=statistics.median(runs), runs=runs,
+                         cpu_s=statistics.median(c["cpu_s"] for c in timings),
+                         peak_mib=max(c["peak_mib"] for c in timings),
+                         added_mib=max(c["added_mib"] for c in timings)))
     base = next(r for r in rows if r["shots"] == min(args.shots))
     for row in rows:
         row["ratio_vs_1_shot"] = row["median_s"] / base["median_s"]
@@ -115,6 +123,11 @@ def run_dtype(name: str, args) -> dict:
     result["rows"] = rows
     result["load_average_after"] = load_average()
     return result
+
+
+def plain_rows(rows: list[dict]) -> list[dict]:
+    """The rows without support-token sampling."""
+    return [r for r in rows if not r.get("token_sampling")]
 
 
 def shots_within(rows: list[dict], factor: float, key: str = "cpu_s") -> float:
@@ -135,6 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed cached queries per shot count")
     parser.add_argument("--support-repeats", type=int, default=2, help="timed one-shot encode_support calls")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--resolution", type=int, default=RESOLUTION,
+                        help=f"processing resolution (default {RESOLUTION}; smaller is quicker, with fewer tokens per "
+                             "layer)")
     parser.add_argument("--output", help="write the results as JSON")
     args = parser.parse_args(argv)
     if min(args.shots) < 1 or len(set(args.shots)) < 2:
@@ -155,12 +171,14 @@ def main(argv=None) -> int:
     results["machine"]["load_average_at_end"] = load_average()
     for entry in results["by_dtype"]:
         entry["shots_within_3x_of_1_shot"] = dict(
-            wall=shots_within(entry["rows"], 3.0, "median_s"), cpu=shots_within(entry["rows"], 3.0, "cpu_s"))
+            wall=shots_within(plain_rows(entry["rows"]), 3.0, "median_s"),
+            cpu=shots_within(plain_rows(entry["rows"]), 3.0, "cpu_s"))
 
     print()
     print_table([dict(row, support_per_shot_s=entry["support_per_shot"]["median_s"])
                  for entry in results["by_dtype"] for row in entry["rows"]], [
-        ("dtype", "precision", ""), ("shots", "shots", "d"), ("median_s", "s per query", ".2f"),
+        ("dtype", "precision", ""), ("shots", "shots", "d"), ("token_sampling", "token sampling", ""),
+        ("median_s", "s per query", ".2f"),
         ("cpu_s", "CPU s", ".1f"), ("ratio_vs_1_shot", "x 1 shot", ".2f"), ("cpu_ratio_vs_1_shot", "CPU x 1 shot", ".2f"),
         ("support_per_shot_s", "support s / shot", ".2f"), ("peak_mib", "peak MiB", ".0f"),
     ])
