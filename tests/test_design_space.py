@@ -107,6 +107,21 @@ def test_a_saved_design_loads_and_runs_with_no_argument(name, tmp_path):
     np.testing.assert_allclose(a.probabilities[0], b.probabilities[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tokenized_cross_attention+concat", "mi2m:0.0272-0.384", "target:mask_on_image"])
+def test_a_saved_design_runs_as_remote_code(name, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    design, betas = PAPER_DESIGNS[name]
+    pipe = tiny_design_pipeline(design, beta_range=betas, num_inference_steps=2)
+    pipe.save_pretrained(tmp_path / "saved")
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    remote.set_progress_bar_config(disable=True)
+    assert type(remote).__module__.startswith("diffusers_modules") and remote.design.to_dict() == design.to_dict()
+    call = dict(support_images=IMAGES[:2], support_masks=MASKS[:2])
+    np.testing.assert_allclose(remote(QUERIES[1], **call).probabilities[0], pipe(QUERIES[1], **call).probabilities[0],
+                               atol=1e-5)
+
+
 # ---------------------------------------------------------------------- mask injection
 
 
