@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -76,7 +76,6 @@ class Backend:
         self.settings = settings
         self._projects: dict[int, Project] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffews-label-studio")
-        self._reading: dict[int, Future] = {}  # project id -> its first read, while pending
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
@@ -100,8 +99,8 @@ class Backend:
             project = future.result(timeout=SETUP_WAIT)
         except FutureTimeout:
             return {"model_version": f"{self.model_name}-reading"}
-        except (LabelStudioError, LabelConfigError) as error:
-            raise _error(error) from None
+        except LabelStudioError as error:
+            raise BackendError(502, str(error)) from None
         return {"model_version": project.version}
 
     def predict(self, payload: dict) -> dict:
@@ -114,8 +113,8 @@ class Backend:
         config = _config(payload.get("label_config")) if payload.get("label_config") else None
         try:
             return self._worker.submit(self._predict, project_id, config, tasks).result()
-        except (LabelStudioError, LabelConfigError) as error:
-            raise _error(error) from None
+        except LabelStudioError as error:
+            raise BackendError(502, str(error)) from None
 
     def webhook(self, payload: dict) -> dict:
         """`/webhook`: queues the event and answers at once (Label Studio waits one second for it)."""
@@ -139,7 +138,7 @@ class Backend:
     def _logged(self, job, *args):
         try:
             job(*args)
-        except (LabelStudioError, LabelConfigError, BackendError) as error:
+        except (LabelStudioError, BackendError) as error:
             logger.error("%s", error)
         except Exception:  # noqa: BLE001 - a bug: the worker must go on with the next job
             logger.exception("the backend failed on %s", args[0])
@@ -289,12 +288,6 @@ def _config(xml) -> LabelConfig:
         return parse_label_config(xml)
     except LabelConfigError as error:
         raise BackendError(400, f"label config: {error}") from None
-
-
-def _error(error: Exception) -> BackendError:
-    if isinstance(error, LabelConfigError):
-        return BackendError(400, f"label config: {error}")
-    return BackendError(502, str(error))
 
 
 def _listed(value) -> list[dict]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from ..pipeline_diffews import DiffewSSupport
+from ..support_diffews import DiffewSSupport
 
 logger = logging.getLogger("pipeline_diffews.label_studio")
 
