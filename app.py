@@ -267,9 +267,29 @@ def _example_set(examples, images, labels, palette):
     new = demo_utils.build_set(images, labels, MAX_SHOTS, key, palette, kept=examples)
     if examples is None or not examples.num_kept:
         return new, ""
-    kept = examples.num_kept
-    return new, (f" The examples above changed: the set now holds them and still the {kept} example"
-                 f"{'s' if kept != 1 else ''} added from corrected results or opened before.")
+    kept = demo_utils.count_of(examples.num_kept, "example")
+    return new, f" The examples above changed: the set now holds them and still the {kept} added from corrected " \
+                "results or opened before."
+
+
+def _predict_unconfirmed(examples, queries, confirmed: dict, threshold_mode, threshold):
+    """The results of `queries` with the example set: predicted, but for those whose `confirmed` labels (by position)
+    stay. Returns (demo_utils.Segmentation, status line). The set's support is encoded when it was not yet."""
+    positions = [i for i in range(len(queries)) if i not in confirmed]
+    predicted = None
+    if positions:
+        predicted, status = _segment(examples.images, examples.masks, [queries[i] for i in positions],
+                                     threshold_mode, threshold, examples.support, examples.multiclass)
+        examples.support = predicted.support
+        if confirmed:
+            status += f" Kept the confirmed masks of {demo_utils.count_of(len(confirmed), 'image')}."
+    else:
+        status = f"Every image has a confirmed mask ({demo_utils.count_of(len(queries), 'image')}): nothing to predict."
+        if examples.support is None:
+            examples.support, _ = _on_device(demo_utils.encode_set, examples.images, examples.masks,
+                                             examples.multiclass)
+    ids = (predicted.class_ids if predicted else demo_utils.class_ids_of(examples)) if examples.multiclass else None
+    return demo_utils.combine(len(queries), predicted, positions, confirmed, examples.support, ids), status
 
 
 def _page_segment(session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names):
@@ -283,19 +303,8 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
     confirmed = {}
     if session.result is not None:
         queries, names, files, confirmed = session.carry_confirmed(queries, names, files)
-    positions = [i for i in range(len(queries)) if i not in confirmed]
-    predicted, status = None, f"All {len(queries)} images have confirmed masks: nothing to predict."
-    if positions:
-        predicted, status = _segment(examples.images, examples.masks, [queries[i] for i in positions],
-                                     threshold_mode, threshold, examples.support, examples.multiclass)
-        examples.support = predicted.support
-    elif examples.support is None:
-        examples.support, _ = _on_device(demo_utils.encode_set, examples.images, examples.masks, examples.multiclass)
-    if confirmed and positions:
-        status += f" Kept the confirmed mask{'s' if len(confirmed) != 1 else ''} of {len(confirmed)} image" \
-                  f"{'s' if len(confirmed) != 1 else ''}."
-    ids = (predicted.class_ids if predicted else demo_utils.class_ids_of(examples)) if examples.multiclass else None
-    session.result = demo_utils.combine(len(queries), predicted, positions, confirmed, examples.support, ids)
+    session.result, status = _predict_unconfirmed(examples, queries, confirmed, threshold_mode, threshold)
+    ids = session.result.class_ids
     session.examples, session.editing, session.saved = examples, None, False
     session.queries, session.names, session.files = queries, names, files
     session.confirmed = [i in confirmed for i in range(len(queries))]
@@ -420,9 +429,8 @@ def add_example(session, correction, threshold_mode, threshold):
     session.result.confirm(index, labels)
     session.confirmed[index], session.saved = True, False
     overlays, heatmaps, files = _views(session, _palette(session))
-    count = len(others)
-    status = (f"Added {name} as example {examples.num_shots} in {seconds:.2f} s; "
-              f"segmented the other {count} image{'s' if count != 1 else ''} not yet confirmed again with it.")
+    status = (f"Added {name} as example {examples.num_shots} in {seconds:.2f} s; segmented the other "
+              f"{demo_utils.count_of(len(others), 'image')} not yet confirmed again with it.")
     session.editing = session.next_to_correct(index)
     value, note = (None, "Every result is confirmed: click one to see it again.")
     if session.editing is not None:
@@ -445,8 +453,8 @@ def open_saved_set(session, path):
     session = session or demo_utils.Session()
     session.examples = examples
     names = ", ".join(f"{k}: {n}" for k, n in sorted(saved.class_names.items()))
-    note = (f"Opened {Path(path).name}: {examples.num_shots} example{'s' if examples.num_shots != 1 else ''}, "
-            f"encoded in {seconds:.2f} s. Drop in images and press **Segment**.")
+    note = (f"Opened {Path(path).name}: {demo_utils.count_of(examples.num_shots, 'example')}, encoded in "
+            f"{seconds:.2f} s. Drop in images and press **Segment**.")
     set_line, download, unsaved = _ready(session)
     return session, set_line, names or gr.skip(), note, download, unsaved
 

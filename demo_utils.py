@@ -58,6 +58,11 @@ def hex_to_rgb(color: str) -> tuple[int, int, int]:
 OVERLAY_RGB = hex_to_rgb(CLASS_COLORS[0])  # colour of the object of one-class results
 
 
+def count_of(count: int, noun: str) -> str:
+    """"1 image", "2 images"."""
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 

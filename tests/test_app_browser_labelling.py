@@ -137,7 +137,7 @@ def test_the_page_keeps_a_sessions_work_warns_before_leaving_and_opens_it_again(
         assert web.error_badges(page) == 0 and "Added query_2.png as example 3" in page.inner_text("#status")
 
         page.click("#segment-button")  # both confirmed: nothing is predicted again
-        web.wait_for_status(page, "All 2 images have confirmed masks")
+        web.wait_for_status(page, "Every image has a confirmed mask (2 images)")
         np.testing.assert_array_equal(result_mask(page, "query_1"), confirmed)
 
         page.evaluate("() => { location.reload(); }")  # unsaved work: the browser asks first (and stays)

@@ -133,7 +133,7 @@ def test_a_confirmed_mask_stays_that_images_mask(url, files, tmp_path):
 
     # Segment again: nothing left to predict, the confirmed masks stay.
     session, *_, status = page_segment(session, example_inputs(files))
-    assert "All 2 images have confirmed masks: nothing to predict." in status
+    assert "Every image has a confirmed mask (2 images): nothing to predict." in status
     assert iou(session.result.labels(0) > 0, confirmed_a > 0) == 1.0
     assert iou(session.result.labels(1) > 0, confirmed_b > 0) == 1.0
 
