@@ -116,6 +116,7 @@ def _on_mistake(handle):
 
 
 def _raise_gr_error(message: str):
+    """A mistake as Gradio reports it to a client: gr.Error (the client's AppError), no traceback in the log."""
     raise gr.Error(message, print_exception=False)
 
 
@@ -284,7 +285,8 @@ def _predict_unconfirmed(examples, queries, confirmed: dict, threshold_mode, thr
         if confirmed:
             status += f" Kept the confirmed masks of {demo_utils.count_of(len(confirmed), 'image')}."
     else:
-        status = f"Every image has a confirmed mask ({demo_utils.count_of(len(queries), 'image')}): nothing to predict."
+        count = demo_utils.count_of(len(queries), "image")
+        status = f"Every image has a confirmed mask ({count}): nothing to predict."
         if examples.support is None:
             examples.support, _ = _on_device(demo_utils.encode_set, examples.images, examples.masks,
                                              examples.multiclass)

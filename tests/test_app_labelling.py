@@ -85,6 +85,7 @@ def corrected(value: dict, add: tuple[slice, slice], erase: tuple[slice, slice],
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks."""
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
