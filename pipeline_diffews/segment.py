@@ -33,7 +33,7 @@ import torch
 from .coco import category_name
 from .formats import ANNOTATION_FORMATS, annotation_files
 from .formats import check_available as check_format_available
-from .image_processor_diffews import DiffewSImageProcessor, load_mask
+from .image_processor_diffews import DiffewSImageProcessor, load_mask, read_support_set
 from .inputs import InputError, VideoFrameReader, discover, find_support_pairs, iter_video_frames, read_image
 from .official import ModelNotFoundError, load_pipeline, official_names, resolve_model
 from .outputs import OutputConflictError, VideoJob, WorkItem, make_plan
@@ -145,6 +145,22 @@ def _fraction(text: str) -> float:
     return value
 
 
+def prepare_support(pipe, images: list, masks: list, args: argparse.Namespace) -> tuple:
+    """The support every batch reads: (its classes, the call's support arguments, the processing resolution).
+
+    Encoded once (`encode_support`), or, for a design whose support side depends on the query (`qkv_fusion`), read
+    and checked once (`read_support_set`) and passed with every batch.
+    """
+    multiclass = True if args.multiclass else None
+    if pipe.design.cacheable:
+        support = pipe.encode_support(images, masks, processing_resolution=args.processing_resolution,
+                                      multiclass=multiclass, batch_size=args.batch_size)
+        return support, {"support": support}, support.processing_resolution
+    support_set = read_support_set(images, masks, multiclass)
+    resolution = args.processing_resolution or pipe.config.processing_resolution
+    return support_set, {"support_images": images, "support_masks": masks, "multiclass": multiclass}, resolution
+
+
 @dataclass
 class Counts:
     """What one process did. `written_videos`: relative paths of videos that got new mask frames."""
@@ -197,22 +213,21 @@ def run(args: argparse.Namespace) -> int:
     if load_error is not None:
         return _usage_error(state, load_error)
     try:
-        support = pipe.encode_support(support_images, support_masks, processing_resolution=args.processing_resolution,
-                                      multiclass=True if args.multiclass else None, batch_size=args.batch_size)
+        support, support_call, resolution = prepare_support(pipe, support_images, support_masks, args)
         rendering = Rendering.of(support, pipe)
         categories = class_categories(support, args.classes)
         if rendering.palette is not None and state.is_main_process:
             save_json(class_table(support, rendering.palette, args.classes), Path(args.output) / CLASSES_FILE)
     except (ValueError, TypeError) as error:
         return _usage_error(state, name_support_files(error, pairs))
-    call = {"support": support, "processing_resolution": support.processing_resolution, "threshold": args.threshold,
+    call = {**support_call, "processing_resolution": resolution, "threshold": args.threshold,
             "threshold_mode": args.threshold_mode, "output_type": "np", **sampling_options(args, pipe)}
     classes = f", {len(support.class_ids)} class(es)" if support.class_ids is not None else ""
     threshold = pipe.config.threshold if args.threshold is None else args.threshold
     say(f"Model {model} on {device} ({args.dtype}), {len(support_images)} shot(s){classes}, "
         f"{len(plan.items)} image(s) to segment, {len(pending)} pending, {state.num_processes} process(es); "
         f"threshold {threshold:g} ({args.threshold_mode or pipe.config.threshold_mode}), processing resolution "
-        f"{support.processing_resolution}.")
+        f"{resolution}.")
 
     # 3. Queries: batches dealt out to the processes in turn
     batches = [pending[i : i + args.batch_size] for i in range(0, len(pending), args.batch_size)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pipeline_diffews import DiffewSPipeline, DiffewSUNet2DConditionModel
 from pipeline_diffews.design_diffews import (
@@ -19,9 +20,11 @@ from pipeline_diffews.design_diffews import (
     DiffewSDesign,
     make_scheduler,
 )
+from pipeline_diffews.cli import main
 from pipeline_diffews.image_processor_diffews import DiffewSImageProcessor
 from pipeline_diffews.unet_diffews import SupportKeyValues, SupportTokens
 
+from .cli_data import write_images, write_support
 from .tiny_models import RESOLUTION, random_box_mask, random_image, tiny_design_pipeline, tiny_pipeline
 
 RNG = np.random.default_rng(7)
@@ -346,3 +349,22 @@ def test_token_sampling_keeps_one_shots_tokens_per_layer(monkeypatch):
     c = pipe(QUERIES[0], support=three, support_token_sampling=True, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(b.probabilities[0], c.probabilities[0])
     assert np.abs(b.probabilities[0] - pipe(QUERIES[0], support=three).probabilities[0]).max() > 1e-5
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("name", ["qkv_fusion+concat", "tokenized_cross_attention+add"])
+def test_the_command_line_segments_with_any_design(name, tmp_path):
+    design, _ = PAPER_DESIGNS[name]
+    pipe = tiny_design_pipeline(design)
+    pipe.save_pretrained(tmp_path / "model")
+    image, mask = write_support(tmp_path / "support")
+    images = write_images(tmp_path / "images", corrupt=False)
+    code = main(["segment", "--model", str(tmp_path / "model"), "--support", str(image), "--support-mask", str(mask),
+                 "--input", str(images), "--output", str(tmp_path / "out"), "--no-progress", "--batch-size", "2"])
+    assert code == 0
+    query = Image.open(images / "a.jpg").convert("RGB")
+    expected = pipe(query, support_images=[Image.open(image).convert("RGB")], support_masks=[Image.open(mask)]).masks[0]
+    written = np.asarray(Image.open(tmp_path / "out" / "a.png")) > 0
+    assert written.shape == expected.shape and (written == expected).mean() > 0.999
