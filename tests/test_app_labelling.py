@@ -312,7 +312,11 @@ def test_the_download_holds_masks_examples_and_coco(url, files, tmp_path):
 
     square = write_image(tmp_path / "c.png", 64, 64, seed=4)
     session = segmented(files, queries=("query_a", square), mask_file="labels", class_names="grass, x, sky")
-    categories = _check_zip(app.download_zip(session)[1], session, tmp_path / "several", binary=False)
+    path = app.download_zip(session)[1]
+    categories = _check_zip(path, session, tmp_path / "several", binary=False)
+    reopened, _, class_names, *_ = app.open_saved_set(None, path)  # the classes, their names and colours come back
+    assert class_names == "1: grass, 3: sky" and reopened.examples.multiclass
+    assert reopened.examples.palette == session.examples.palette
     assert categories == {1: "grass", 3: "sky"}
 
 
