@@ -12,6 +12,7 @@ Errors come back as `BackendError` with an HTTP status and one line; the server 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -76,6 +77,8 @@ class Backend:
         self.settings = settings
         self._projects: dict[int, Project] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffews-label-studio")
+        self._waiting: dict[int, int] = {}  # project id -> events queued and not yet applied
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
@@ -87,18 +90,20 @@ class Backend:
 
     def setup(self, payload: dict) -> dict:
         """`/setup`: {project: "<id>.<created>", schema: label config XML, ...} -> {model_version}. A project seen
-        before answers at once; a new one (or one whose config changed) is read first, waiting up to SETUP_WAIT
-        seconds (a longer read goes on behind)."""
+        before, with no event waiting, answers at once. Otherwise the answer waits for the worker (the events before
+        it, or the first read of the project) up to SETUP_WAIT seconds; past that, it is the version as it stands
+        (or `<model>-reading`), and the work goes on behind."""
         project_id = _project_id(payload.get("project"))
         config = _config(payload.get("schema"))
         known = self._projects.get(project_id)
-        if known is not None and known.config.xml == config.xml:
+        same = known is not None and known.config.xml == config.xml
+        if same and not self._waiting.get(project_id):
             return {"model_version": known.version}
         future = self._worker.submit(self._ensure, project_id, config)
         try:
             project = future.result(timeout=SETUP_WAIT)
         except FutureTimeout:
-            return {"model_version": f"{self.model_name}-reading"}
+            return {"model_version": known.version if same else f"{self.model_name}-reading"}
         except LabelStudioError as error:
             raise BackendError(502, str(error)) from None
         return {"model_version": project.version}
@@ -123,6 +128,8 @@ class Backend:
             return {"status": "ignored", "action": action}
         project = payload.get("project")
         project_id = _project_id(project.get("id") if isinstance(project, dict) else project)
+        with self._lock:
+            self._waiting[project_id] = self._waiting.get(project_id, 0) + 1
         self._worker.submit(self._logged, self._event, action, project_id, payload)
         return {"status": "queued", "action": action}
 
@@ -142,6 +149,10 @@ class Backend:
             logger.error("%s", error)
         except Exception:  # noqa: BLE001 - a bug: the worker must go on with the next job
             logger.exception("the backend failed on %s", args[0])
+        finally:
+            if job == self._event:
+                with self._lock:
+                    self._waiting[args[1]] -= 1
 
     def _ensure(self, project_id: int, config: LabelConfig | None = None) -> Project:
         """The project, read from Label Studio the first time or when its config changed."""
