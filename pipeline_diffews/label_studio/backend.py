@@ -27,7 +27,7 @@ from .regions import annotation_masks, prediction_results
 
 logger = logging.getLogger("pipeline_diffews.label_studio")
 
-SETUP_WAIT = 2.0  # seconds /setup waits for a first read of the project (Label Studio gives it 3)
+SETUP_WAIT = 2.5  # seconds /setup waits for the worker (Label Studio gives it 3)
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
 EVENTS = (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "TASKS_DELETED", "PROJECT_UPDATED", "PROJECT_DELETED",
           "START_TRAINING")
@@ -91,8 +91,9 @@ class Backend:
     def setup(self, payload: dict) -> dict:
         """`/setup`: {project: "<id>.<created>", schema: label config XML, ...} -> {model_version}. A project seen
         before, with no event waiting, answers at once. Otherwise the answer waits for the worker (the events before
-        it, or the first read of the project) up to SETUP_WAIT seconds; past that, it is the version as it stands
-        (or `<model>-reading`), and the work goes on behind."""
+        it, or the first read of the project) up to SETUP_WAIT seconds; past that, the work goes on behind and the
+        answer is `<model>-pending`, a version no prediction has, so that Label Studio asks for every task it
+        wants (each prediction then names its own version)."""
         project_id = _project_id(payload.get("project"))
         config = _config(payload.get("schema"))
         known = self._projects.get(project_id)
@@ -103,7 +104,7 @@ class Backend:
         try:
             project = future.result(timeout=SETUP_WAIT)
         except FutureTimeout:
-            return {"model_version": known.version if same else f"{self.model_name}-reading"}
+            return {"model_version": f"{self.model_name}-pending"}
         except LabelStudioError as error:
             raise BackendError(502, str(error)) from None
         return {"model_version": project.version}
