@@ -133,8 +133,9 @@ class LabelStudioAPI:
         self.call("POST", f"/api/projects/{project}/import", files=files)
         return {task["data"]["image"].rsplit("-", 1)[-1]: task["id"] for task in self.tasks(project)}
 
-    def import_tasks(self, project: int, data: list[dict]) -> None:
-        self.call("POST", f"/api/projects/{project}/import", json=[{"data": item} for item in data])
+    def import_tasks(self, project: int, tasks: list[dict]) -> None:
+        """Imports tasks as JSON: [{"data": {...}, "annotations": [...]}, ...]."""
+        self.call("POST", f"/api/projects/{project}/import", json=tasks)
 
     def tasks(self, project: int) -> list[dict]:
         return self.call("GET", "/api/tasks", params={"project": project, "page_size": 1000})["tasks"]

@@ -200,8 +200,15 @@ def test_round_trip(label_studio, pipe, tmp_path):
 
         # The annotation deleted: back to the two shots and their version.
         label_studio.delete_annotation(third)
-        setup = httpx.post(f"{backend}/setup", json={"project": f"{project}.0", "schema": CONFIG}, timeout=30)
-        assert setup.json() == {"model_version": two_shots}
+        setup = {"project": f"{project}.0", "schema": CONFIG}
+        assert httpx.post(f"{backend}/setup", json=setup, timeout=30).json() == {"model_version": two_shots}
+
+        # A task imported with its annotation (no annotation event, only TASKS_CREATED) is an example too.
+        url = next(t["data"]["image"] for t in label_studio.tasks(project) if t["id"] == tasks["balloons/query_1.png"])
+        label_studio.import_tasks(project, [{"data": {"image": url}, "annotations": [
+            {"result": [brush_region(truth[:, ::-1], "balloon")]}]}])
+        imported = httpx.post(f"{backend}/setup", json=setup, timeout=30).json()["model_version"]
+        assert imported.startswith(f"{FEWSHOT_MODEL.name}-3shots-") and imported not in (three_shots, replaced)
     assert "Traceback" not in log.read_text()
 
     # A restarted backend (a personal access token this time) reads the examples again and predicts the same.
@@ -224,8 +231,8 @@ def test_bad_input_gets_one_line_and_an_error_reply(label_studio, pipe, tmp_path
     project = label_studio.create_project("Bad input", CONFIG)
     shutil.copy(EXAMPLES / "balloons/support_1.png", tmp_path / "good.png")
     label_studio.import_images(project, [tmp_path / "good.png"])
-    label_studio.import_tasks(project, [{"image": f"/data/upload/{project}/missing.png"},
-                                        {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}])
+    label_studio.import_tasks(project, [{"data": {"image": f"/data/upload/{project}/missing.png"}},
+                                        {"data": {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}}])
     good, missing, garbage = sorted(label_studio.tasks(project), key=lambda task: task["id"])
     balloon = read_mask("balloons/support_1_mask.png")
     label_studio.annotate(good["id"], [brush_region(np.zeros_like(balloon), "balloon")])  # an empty mask

@@ -303,3 +303,51 @@ def test_model_versions_name_the_settings_that_change_predictions():
     assert name("--model", "runs/my-model/") == "my-model"
     assert name("--model", "user/repo", "--processing-resolution", "768", "--threshold", "0.4",
                 "--threshold-mode", "absolute") == "repo-r768-t0.4-absolute"
+
+
+# -- reading images --
+
+
+def test_images_are_read_from_data_uris_and_other_servers_without_the_key(tmp_path):
+    import base64
+    import http.server
+    import io
+    import threading
+
+    import PIL.Image
+
+    from pipeline_diffews.label_studio.client import ImageReadError, LabelStudioClient
+
+    png = io.BytesIO()
+    PIL.Image.new("RGB", (7, 5), (200, 10, 10)).save(png, format="PNG")
+    seen = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            found = self.path == "/photo.png"
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            self.wfile.write(png.getvalue() if found else b"no such file")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = f"http://127.0.0.1:{server.server_port}"
+    client = LabelStudioClient(f"http://127.0.0.1:{free_port()}", "secret-key")
+    try:
+        image = client.read_image("data:image/png;base64," + base64.b64encode(png.getvalue()).decode())
+        assert image.size == (7, 5) and image.mode == "RGB"
+        assert client.read_image(f"{other}/photo.png").getpixel((0, 0)) == (200, 10, 10)
+        assert seen == [None]  # the key goes to Label Studio only
+        with pytest.raises(ImageReadError, match="answered 404"):
+            client.read_image(f"{other}/missing.png")
+        with pytest.raises(ImageReadError, match="not a readable image"):
+            client.read_image("data:image/png;base64,bm90IGFuIGltYWdl")
+        with pytest.raises(ImageReadError, match="cannot reach"):
+            client.read_image("/data/upload/1/a.png")  # Label Studio is not running
+    finally:
+        server.shutdown()
+        client.close()

@@ -30,7 +30,7 @@ logger = logging.getLogger("pipeline_diffews.label_studio")
 SETUP_WAIT = 2.5  # seconds /setup waits for the worker (Label Studio gives it 3)
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
 EVENTS = (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "TASKS_DELETED", "PROJECT_UPDATED", "PROJECT_DELETED",
-          "START_TRAINING")
+          "START_TRAINING", "TASKS_CREATED")
 
 
 class BackendError(Exception):
@@ -210,7 +210,8 @@ class Backend:
             self._projects.pop(project_id, None)
             return
         project = self._projects.get(project_id)
-        if project is None or action == "START_TRAINING":  # first contact, or "Start training": read everything
+        if project is None or action in ("START_TRAINING", "TASKS_CREATED"):
+            # first contact, "Start training", or an import (whose tasks may hold annotations): read everything
             self._read(project_id)
             return
         if action == "PROJECT_UPDATED":

@@ -84,7 +84,10 @@ class LabelStudioClient:
         if scheme in ("", "http", "https") and (not scheme or url.startswith(self.url + "/")):
             return self._request("GET", url if scheme else self.url + "/" + url.lstrip("/")).content
         if scheme in ("http", "https"):  # another server: the key is not sent there
-            return self._fetch(url, headers={}).content
+            response = self._fetch(url, headers={})
+            if response.status_code >= 400:
+                raise LabelStudioError(f"{_short(url)} answered {response.status_code}")
+            return response.content
         if task_id is None:
             raise ValueError(f"a {scheme}:// URI is resolved through its task, and none was given")
         fileuri = base64.urlsafe_b64encode(url.encode()).decode()

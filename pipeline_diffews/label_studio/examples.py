@@ -6,9 +6,9 @@ shows), when it is added or changed; the support the predictions use joins the s
 the shots at once; replacing or removing a shot is a re-join, with no support pass for the others. The shots' caches
 live on the CPU; the joined support on the pipeline's device, until the set changes.
 
-`model_version` names the set: the model's name, the number of shots and a digest of every shot's annotation id and
-masks. It changes whenever a shot is added, changed or removed, and is the same for the same annotations after a
-restart.
+`model_version` names the set: the model's name, the number of shots and a digest of every shot's annotation id,
+image URL and masks. It changes whenever a shot is added, changed or removed, and is the same for the same
+annotations after a restart.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ class Shot:
         return list(self.caches) if self.masks is None else list(self.masks)
 
 
-def masks_digest(annotation_id: int, masks: dict[str, np.ndarray]) -> str:
-    """A digest of an annotation's id and masks (labels, sizes, pixels), the same whichever way they were read."""
-    digest = hashlib.sha256(str(int(annotation_id)).encode())
+def shot_digest(annotation_id: int, image_url: str, masks: dict[str, np.ndarray]) -> str:
+    """A digest of an annotation's id, image URL and masks (labels, sizes, pixels), the same whichever way they were
+    read."""
+    digest = hashlib.sha256(f"{int(annotation_id)}|{image_url}".encode())
     for label in sorted(masks):
         mask = np.asarray(masks[label], dtype=bool)
         digest.update(f"|{label}|{mask.shape}|".encode())
@@ -94,9 +95,9 @@ class ExampleSet:
         masks. masks: {label: bool [H, W]}, each with object pixels."""
         if not masks:
             raise ValueError(f"annotation {annotation_id} has no mask to learn from")
-        digest = masks_digest(annotation_id, masks)
+        digest = shot_digest(annotation_id, image_url, masks)
         old = self._shots.get(annotation_id)
-        if old is not None and old.digest == digest and old.image_url == image_url:
+        if old is not None and old.digest == digest:
             return False
         self._shots[annotation_id] = Shot(int(annotation_id), int(task_id), image_url, digest, dict(masks))
         self._support = None
@@ -120,8 +121,7 @@ class ExampleSet:
         taken = 0
         for shot in self._shots.values():
             old = other._shots.get(shot.annotation_id)
-            if shot.masks is not None and old is not None and old.masks is None and (old.digest, old.image_url) == (
-                    shot.digest, shot.image_url):
+            if shot.masks is not None and old is not None and old.masks is None and old.digest == shot.digest:
                 shot.caches, shot.masks = old.caches, None
                 taken += 1
         return taken
