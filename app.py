@@ -152,13 +152,13 @@ def _check_request(queries, threshold_mode, threshold) -> None:
         raise InputError(f"threshold must be in [0, 1], got {threshold!r}.")
 
 
-def _segment(support_images, support_masks, queries, threshold_mode, threshold, cached, multiclass):
-    """Shared by the page and the endpoints: checks, then the model (the supports encoded unless `cached` holds them).
-    Returns (demo_utils.Segmentation, status line)."""
+def _segment(support_images, support_masks, queries, threshold_mode, threshold, cached, multiclass, sampling=False):
+    """Shared by the page and the endpoints: checks, then the model (the supports encoded unless `cached` holds them;
+    `sampling`: support-token sampling). Returns (demo_utils.Segmentation, status line)."""
     demo_utils.check_support_set(support_images, support_masks, MAX_SHOTS)
     _check_request(queries, threshold_mode, threshold)
     result = _on_device(demo_utils.segment, support_images, support_masks, queries, threshold_mode, float(threshold),
-                        cached, multiclass=multiclass)
+                        cached, multiclass=multiclass, support_token_sampling=sampling)
     return result, demo_utils.describe(result, support_masks, cached is not None, _PIPE.device)
 
 
@@ -273,14 +273,14 @@ def _example_set(examples, images, labels, palette):
                 "results or opened before."
 
 
-def _predict_unconfirmed(examples, queries, confirmed: dict, threshold_mode, threshold):
+def _predict_unconfirmed(examples, queries, confirmed: dict, threshold_mode, threshold, sampling=False):
     """The results of `queries` with the example set: predicted, but for those whose `confirmed` labels (by position)
     stay. Returns (demo_utils.Segmentation, status line). The set's support is encoded when it was not yet."""
     positions = [i for i in range(len(queries)) if i not in confirmed]
     predicted = None
     if positions:
         predicted, status = _segment(examples.images, examples.masks, [queries[i] for i in positions],
-                                     threshold_mode, threshold, examples.support, examples.multiclass)
+                                     threshold_mode, threshold, examples.support, examples.multiclass, sampling)
         examples.support = predicted.support
         if confirmed:
             status += f" Kept the confirmed masks of {demo_utils.count_of(len(confirmed), 'image')}."
@@ -305,7 +305,8 @@ def _page_segment(session, editor_ids, editors, mask_files, query_items, thresho
     confirmed = {}
     if session.result is not None:
         queries, names, files, confirmed = session.carry_confirmed(queries, names, files)
-    session.result, status = _predict_unconfirmed(examples, queries, confirmed, threshold_mode, threshold)
+    session.result, status = _predict_unconfirmed(examples, queries, confirmed, threshold_mode, threshold,
+                                                  session.support_token_sampling)
     ids = session.result.class_ids
     session.examples, session.editing, session.saved = examples, None, False
     session.queries, session.names, session.files = queries, names, files
@@ -350,6 +351,13 @@ def run_segment(session, editor_ids, *args):
         session, editor_ids, editors, mask_files, query_items, threshold_mode, threshold, class_names
     )
     return (session, overlays, heatmaps, files, status, *_ready(session))
+
+
+def set_token_sampling(session, value: bool):
+    """The support-token sampling checkbox: the session's setting for its next Segment and Add as example."""
+    session = session or demo_utils.Session()
+    session.support_token_sampling = bool(value)
+    return session
 
 
 @_page_event(message=2, count=4, cleared={1: None})
@@ -424,7 +432,8 @@ def add_example(session, correction, threshold_mode, threshold):
     support, seconds = _on_device(demo_utils.extend_support, examples.support, image, mask, examples.multiclass)
     again = _on_device(demo_utils.segment, [*examples.images, image], [*examples.masks, mask],
                        [session.queries[i] for i in others], threshold_mode, float(threshold), support,
-                       multiclass=examples.multiclass) if others else None
+                       multiclass=examples.multiclass, support_token_sampling=session.support_token_sampling,
+                       ) if others else None
     examples.add(image, mask, support, seconds)
     for position, i in enumerate(others):
         session.result.take(i, again, position)
@@ -680,6 +689,10 @@ def build_demo(pipe, model: str | None = None) -> gr.Blocks:
                     mode = gr.Radio(THRESHOLD_MODES, value=defaults["mode"], label="Threshold mode",
                                     info="relative: × each image's highest score")
                     threshold = gr.Slider(0.0, 1.0, value=defaults["threshold"], step=0.01, label="Threshold")
+                sampling = gr.Checkbox(
+                    False, label="Sample the examples' tokens (several examples: each layer reads as many support "
+                                 "tokens as one example has; seeded)", elem_id="token-sampling",
+                )
                 class_names = gr.Textbox(
                     label="Class names (optional, for several brush colours)",
                     placeholder="road, car, person  (one per brush colour, in the palette's order; "
@@ -741,6 +754,7 @@ def build_demo(pipe, model: str | None = None) -> gr.Blocks:
             ).then(lambda values: values, pending, editors, api_visibility="private")
 
         page_outputs = [session, overlays, heatmaps, results, status, example_set, download, unsaved]
+        sampling.change(set_token_sampling, [session, sampling], session, api_visibility="private")
         button.click(
             run_segment,
             [session, editor_ids, *editors, *mask_files, queries, mode, threshold, class_names],

@@ -364,14 +364,48 @@ def combine(
     return result
 
 
+@dataclasses.dataclass
+class UncachedSupport:
+    """The shots of a model whose design cannot cache a support (`qkv_fusion`: the support side depends on the
+    query): kept as they are and passed with every call. Stands where a `DiffewSSupport` stands in the demo."""
+
+    images: list[PIL.Image.Image]
+    masks: list[np.ndarray]
+    multiclass: bool
+
+    @property
+    def num_shots(self) -> int:
+        return len(self.images)
+
+    def to(self, *args, **kwargs) -> "UncachedSupport":
+        return self
+
+    def grown(self, image: PIL.Image.Image, mask: np.ndarray) -> "UncachedSupport":
+        return UncachedSupport([*self.images, image], [*self.masks, mask], self.multiclass)
+
+
 def encode_set(
     pipe: DiffewSPipeline, images: list[PIL.Image.Image], masks: list[np.ndarray], multiclass: bool
-) -> tuple[DiffewSSupport, float]:
-    """The supports encoded once, on the CPU (to be kept between requests, and between GPU leases on Spaces).
-    Returns (support, seconds it took)."""
+) -> tuple[DiffewSSupport | UncachedSupport, float]:
+    """The supports encoded once, on the CPU (to be kept between requests, and between GPU leases on Spaces); for a
+    design that cannot cache them, the shots themselves. Returns (support, seconds it took)."""
     start = time.perf_counter()
+    if not pipe.design.cacheable:
+        return UncachedSupport(list(images), list(masks), multiclass), 0.0
     support = pipe.encode_support(images, masks, multiclass=multiclass).to("cpu")
     return support, time.perf_counter() - start
+
+
+def support_arguments(support: DiffewSSupport | UncachedSupport, support_token_sampling: bool) -> dict:
+    """The pipeline call's support arguments: the cache, or the shots themselves; with support-token sampling, its
+    generator (seed 0, so a page shows the same result for the same inputs)."""
+    arguments = {"support": support}
+    if isinstance(support, UncachedSupport):
+        arguments = {"support_images": support.images, "support_masks": support.masks,
+                     "multiclass": support.multiclass}
+    if support_token_sampling:
+        arguments.update(support_token_sampling=True, generator=torch.Generator().manual_seed(0))
+    return arguments
 
 
 def segment(
@@ -383,6 +417,7 @@ def segment(
     threshold: float,
     support: DiffewSSupport | None = None,
     multiclass: bool = False,
+    support_token_sampling: bool = False,
 ) -> Segmentation:
     """Encodes the supports (unless `support` is given) and segments the queries. Returns CPU results.
 
@@ -394,7 +429,8 @@ def segment(
     if support is None:
         support, support_seconds = encode_set(pipe, support_images, support_masks, multiclass)
     start = time.perf_counter()
-    out = pipe(queries, support=support, threshold_mode=threshold_mode, threshold=threshold, output_type="np")
+    out = pipe(queries, threshold_mode=threshold_mode, threshold=threshold, output_type="np",
+               **support_arguments(support, support_token_sampling))
     several = getattr(out, "label_maps", None) is not None
     return Segmentation(
         masks=[np.asarray(m, bool) for m in out.masks],
@@ -414,6 +450,8 @@ def extend_support(
     """`support` grown by one shot (image, mask: bool [H, W], or a uint8 label map with `multiclass`): only the new
     shot's support pass runs. Returns (the grown support on the CPU, seconds it took)."""
     start = time.perf_counter()
+    if isinstance(support, UncachedSupport):
+        return support.grown(image, mask), 0.0
     grown = pipe.encode_support([image], [mask], multiclass=multiclass, extend=support)
     return grown.to("cpu"), time.perf_counter() - start
 
@@ -526,6 +564,7 @@ class Session:
     class_names: dict[int, str] = dataclasses.field(default_factory=dict)
     editing: int | None = None
     saved: bool = True
+    support_token_sampling: bool = False
 
     def stored(self, name: str) -> tuple[PIL.Image.Image, bytes] | None:
         """The session's own copy (RGB image, file bytes) of the image it segmented under file name `name`."""
