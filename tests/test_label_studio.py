@@ -178,7 +178,7 @@ def test_round_trip(label_studio, pipe, tmp_path):
     with running_backend(FEWSHOT_MODEL, label_studio.url, TOKEN, log, port) as backend:
         label_studio.connect_backend(project, backend)
         label_studio.retrieve_predictions(project, [tasks[q] for q in QUERIES])
-        two_shots = check_predictions(label_studio, tasks, None, want := expected(pipe, shots))
+        two_shots = check_predictions(label_studio, tasks, None, expected(pipe, shots))
         assert two_shots.startswith(f"{FEWSHOT_MODEL.name}-2shots-")
 
         # A third annotation: the webhook adds its shot; the version changes and so do the predictions.
@@ -209,6 +209,9 @@ def test_round_trip(label_studio, pipe, tmp_path):
             {"result": [brush_region(truth[:, ::-1], "balloon")]}]}])
         imported = httpx.post(f"{backend}/setup", json=setup, timeout=30).json()["model_version"]
         assert imported.startswith(f"{FEWSHOT_MODEL.name}-3shots-") and imported not in (three_shots, replaced)
+        label_studio.retrieve_predictions(project, [tasks[q] for q in QUERIES])
+        want = expected(pipe, [*shots, ("balloons/query_1.png", {"balloon": truth[:, ::-1]})])
+        assert check_predictions(label_studio, tasks, imported, want) == imported
     assert "Traceback" not in log.read_text()
 
     # A restarted backend (a personal access token this time) reads the examples again and predicts the same.
@@ -217,7 +220,7 @@ def test_round_trip(label_studio, pipe, tmp_path):
     token = label_studio.personal_access_token()
     with running_backend(FEWSHOT_MODEL, label_studio.url, token, log, port):
         label_studio.retrieve_predictions(project, [tasks[q] for q in QUERIES])
-        check_predictions(label_studio, tasks, two_shots, want)
+        check_predictions(label_studio, tasks, imported, want)
     assert "Traceback" not in log.read_text()
 
 
