@@ -140,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--output", help="Write the results as JSON here.")
     a("--page", help="Write the Markdown page here.")
     a("--render", metavar="FILE", help="Only write --page from this results file (nothing runs).")
+    a("--note", action="append", default=[],
+      help="With --render: a note on the run, added to the results file and the page (repeatable).")
     a("--designs", nargs="+", choices=[d.name for d in DESIGNS], default=None, help="Run these designs (default: all).")
     a("--pretrained", help="Initial pipeline (default at the tiny scale: the tiny DiffewS built here).")
     a("--image-encoder", metavar="DIR",
@@ -453,16 +455,16 @@ def design_rows(results: dict, names: list[str], published: dict | None = None) 
             rows.append(f"| {design.title} | not run | | | | {paper_text} | |")
             continue
         cells = record["cells"]
-        scoring = sum(c["wall_s"] for c in cells.values()) / 60
+        scoring = sum(c["cpu_s"] for c in cells.values()) / 60
         other = cells.get(OTHER, {}).get("miou")
         rows.append(f"| {design.title} | {fmt(cells['1-shot']['miou'])} | {fmt(other)} | "
                     f"{fmt(cells['5-shot']['miou'])} | {fmt(cells['5-shot sampled']['miou'])} | {paper_text} | "
-                    f"{record['training']['wall_s'] / 60:.1f} + {scoring:.1f} |")
+                    f"{record['training']['cpu_s'] / 60:.1f} + {scoring:.1f} |")
     return rows
 
 
 TABLE_HEAD = ["| design | 1-shot | 1-shot, another class's support | 5-shot | 5-shot, sampled | paper (1-shot) | "
-              "minutes: train + score |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "CPU minutes: train + score |", "|---|---:|---:|---:|---:|---:|---:|"]
 
 
 def markdown(results: dict) -> str:
@@ -500,8 +502,9 @@ def markdown(results: dict) -> str:
     lines += ["", "Columns: mIoU x100 (IoU pooled per class, mean over the held-out classes) at 1 shot; at 1 shot with "
               "each query given the support of another class (the next episode of another class: a design that reads "
               "its support falls there); at 5 shots; at 5 shots with support-token sampling (each layer's support "
-              "keys/values sampled down to one shot's count); the paper's published value; wall minutes of the "
-              "training and of all the design's scoring.", ""]
+              "keys/values sampled down to one shot's count); the paper's published value; CPU minutes of the "
+              "training and of all the design's scoring (one thread each; the wall minutes, longer on the shared "
+              "machine, are in the results file).", ""]
 
     lines += ["## Figure 2: interaction x injection of the support mask", "", *TABLE_HEAD,
               *design_rows(results, [KV[i] for i in ("concat", "multiply", "add", "attention_mask")]),
@@ -546,15 +549,21 @@ def markdown(results: dict) -> str:
         verdict = {True: "yes", False: "**no**", None: "not run"}.get(c["held"], c["held"])
         values = ", ".join(f"{k} {v:g}" for k, v in c["values"].items() if v is not None)
         lines.append(f"| {c['paper']} | {c['claim']} | {verdict} | {values} |")
+    if results.get("notes"):
+        lines += ["", "## Notes on this run", "", *[f"- {note}" for note in results["notes"]]]
     lines += ["", "## Time and machine", ""]
     total = sum(r["training"]["wall_s"] + sum(c["wall_s"] for c in r["cells"].values())
                 + sum(t["wall_s"] for m in r.get("thresholds", {}).values() for t in m.values())
                 for r in results["designs"].values())
-    lines += [f"{len(results['designs'])} designs; the wall minutes of each cell are in the tables (threshold rows: "
-              f"{sum(t['wall_s'] for m in thresholds.values() for t in m.values()) / 60:.1f} min)." if thresholds else
+    cpu_total = sum(r["training"]["cpu_s"] + sum(c["cpu_s"] for c in r["cells"].values())
+                    + sum(t["cpu_s"] for m in r.get("thresholds", {}).values() for t in m.values())
+                    for r in results["designs"].values())
+    lines += [f"{len(results['designs'])} designs; the CPU minutes of each are in the tables (threshold rows: "
+              f"{sum(t['cpu_s'] for m in thresholds.values() for t in m.values()) / 60:.1f})." if thresholds else
               f"{len(results['designs'])} designs.",
-              f"All cells together: {total / 60:.0f} wall minutes in {results['jobs']} process(es) side by side; the "
-              f"whole run {results['wall_s'] / 60:.0f} wall minutes.",
+              f"All designs together: {cpu_total / 60:.0f} CPU minutes, {total / 60:.0f} wall minutes of their "
+              f"processes, {results['jobs']} process(es) side by side; the run took {results['wall_s'] / 60:.0f} "
+              "wall minutes.",
               f"Machine: {machine_summary(results['machine'])} per process; load average "
               f"{results['machine'].get('load_average_at_start')} at the start, {results['load_average_end']} at the "
               "end (other jobs shared the cores).", "", "```", results["command"], "```", "",
@@ -570,6 +579,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
         results = json.loads(Path(args.render).read_text())
+        if args.note:
+            results["notes"] = [*results.get("notes", []), *args.note]
+            write_json(args.render, results)
+        results["orderings"] = orderings(results)
         Path(args.page).write_text(markdown(results))
         return 0
     torch.set_num_threads(args.threads)
