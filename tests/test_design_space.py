@@ -128,12 +128,18 @@ def test_a_saved_design_runs_as_remote_code(name, tmp_path):
 # ---------------------------------------------------------------------- mask injection
 
 
-def test_multiply_encodes_the_image_times_its_mask():
-    pipe = tiny_design_pipeline(_design(mask_injection="multiply"))
+def _support_input(injection: str):
+    """(pipeline of that mask injection, what its `conv_in_ref` reads for the shot IMAGES[0], MASKS[0])."""
+    pipe = tiny_design_pipeline(_design(mask_injection=injection))
     seen = []
     handle = pipe.unet.conv_in_ref.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     pipe.encode_support(IMAGES[0], MASKS[0])
     handle.remove()
+    return pipe, seen
+
+
+def test_multiply_encodes_the_image_times_its_mask():
+    pipe, seen = _support_input("multiply")
     processor = DiffewSImageProcessor
     image = (processor.image_to_tensor(IMAGES[0], RESOLUTION) + 1) / 2  # [3, R, R] in [0, 1]
     mask = processor.mask_to_tensor(MASKS[0], RESOLUTION)[:1] > 0
@@ -144,11 +150,7 @@ def test_multiply_encodes_the_image_times_its_mask():
 
 
 def test_multiply_latent_zeroes_the_latent_outside_the_mask():
-    pipe = tiny_design_pipeline(_design(mask_injection="multiply_latent"))
-    seen = []
-    handle = pipe.unet.conv_in_ref.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
-    pipe.encode_support(IMAGES[0], MASKS[0])
-    handle.remove()
+    _, seen = _support_input("multiply_latent")
     mask = (DiffewSImageProcessor.mask_to_tensor(MASKS[0], RESOLUTION)[:1] > 0).float()[None]  # [1, 1, R, R]
     grid = F.interpolate(mask, size=seen[0].shape[-2:], mode="nearest")[0, 0] > 0
     assert torch.all(seen[0][0][:, ~grid] == 0) and torch.any(seen[0][0][:, grid] != 0)
