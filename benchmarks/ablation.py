@@ -26,7 +26,8 @@
 
 `--preset tiny` (default) and `--preset paper` set the training and scoring defaults of each scale (see
 `PRESETS`); every option given on the command line wins. A design already scored in `--output-dir` (its
-`cells.json`) is read back, not run again, so an interrupted run continues where it stopped.
+`cells.json`) is read back, not run again, so an interrupted run continues where it stopped; a design trained but
+not scored (its `training.json` and pipeline, without `cells.json`) is scored again without training.
 """
 
 from __future__ import annotations
@@ -325,11 +326,17 @@ def run_design(args, name: str, pretrained: Path, image_encoder: Path | None, ou
     record_file = folder / "cells.json"
     if record_file.is_file():
         return json.loads(record_file.read_text())
-    argv = train_argv(args, design, pretrained, image_encoder, folder)
-    with Stopwatch() as watch:
-        run_train_script(argv, blank=False)
-    record = {"design": name, "title": design.title, "training": watch.as_dict(),
-              "train_command": command_line_of("train/train.py", argv), "cells": {}}
+    training_file = folder / "training.json"
+    if training_file.is_file() and (folder / "model_index.json").is_file():  # trained already: scored again
+        record = {**json.loads(training_file.read_text()), "cells": {}}
+    else:
+        argv = train_argv(args, design, pretrained, image_encoder, folder)
+        with Stopwatch() as watch:
+            run_train_script(argv, blank=False)
+        record = {"design": name, "title": design.title, "training": watch.as_dict(),
+                  "train_command": command_line_of("train/train.py", argv)}
+        write_json(training_file, record)
+        record["cells"] = {}
     evaluations = folder / "evaluations"
     multistep = design.design.is_multistep
     for cell, shots, sampled in CELLS:
