@@ -11,7 +11,7 @@ version and the predictions; a restarted backend (with a personal access token t
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
+import time
 
 import httpx
 import numpy as np
@@ -56,9 +56,18 @@ def sdk_brush():
 
 @pytest.fixture(scope="module")
 def label_studio(request, tmp_path_factory):
+    """Label Studio, installed (the first time) and started; the times go to the terminal."""
     sdk_brush()
+    start = time.perf_counter()
     venv = label_studio_venv(request.config.cache.mkdir("label-studio-1.23.2") / "venv")
+    ready = time.perf_counter()
     with running_label_studio(venv, tmp_path_factory.mktemp("label_studio_data")) as api:
+        plugins = request.config.pluginmanager
+        reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"\nLabel Studio: environment ready in {ready - start:.0f} s, started in "
+                                    f"{time.perf_counter() - ready:.0f} s")
         yield api
 
 
