@@ -20,8 +20,9 @@ CONFIG = """<View>
 </View>"""
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture
 def sdk():
+    """Label Studio's SDK, for the tests of its RLE."""
     try:
         import label_studio_sdk.converter.brush  # noqa: F401
     except ImportError:
@@ -66,7 +67,7 @@ def test_config_errors_are_one_line(xml, words):
 # -- regions --
 
 
-def test_rle_round_trip_through_label_studio_sdk():
+def test_rle_round_trip_through_label_studio_sdk(sdk):
     from label_studio_sdk.converter.brush import decode_rle
 
     from pipeline_diffews.label_studio.regions import mask_to_rle, rle_to_mask
@@ -88,7 +89,7 @@ def region(kind: str, label: str, value: dict, size=(64, 48), name=None) -> dict
             "value": {**value, kind: [label]}}
 
 
-def test_annotation_masks_unite_brushes_and_polygons_per_label():
+def test_annotation_masks_unite_brushes_and_polygons_per_label(sdk):
     from pipeline_diffews.label_studio.regions import annotation_masks, mask_to_rle
 
     left, right = np.zeros((48, 64), bool), np.zeros((48, 64), bool)
@@ -111,7 +112,7 @@ def test_annotation_masks_unite_brushes_and_polygons_per_label():
         "the mask is empty", "none of its labels is a label of 'outline'"]
 
 
-def test_prediction_results_read_back():
+def test_prediction_results_read_back(sdk):
     from pipeline_diffews.label_studio.regions import annotation_masks, prediction_results
 
     mask = np.zeros((48, 64), bool)
@@ -281,7 +282,7 @@ def test_bad_input_gets_an_error_reply_and_the_server_goes_on(unreachable_app, c
     (["--label-studio-url", "http://127.0.0.1:1", "--api-key", "k", "--model", "no/such/folder/here"],
      "--model no/such/folder/here"),
 ])
-def test_command_usage_errors_are_one_line(argv, words, monkeypatch, caplog):
+def test_command_usage_errors_are_one_line(argv, words, monkeypatch, caplog, sdk):
     from pipeline_diffews.cli import main
 
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
