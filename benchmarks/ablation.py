@@ -218,8 +218,9 @@ def initial_pipeline(args, output_dir: Path) -> tuple[Path, Path | None]:
 # ---------------------------------------------------------------------- one design
 
 
-def train_argv(args, design: Design, pretrained: Path, image_encoder: Path | None, output_dir: Path) -> list[str]:
-    """The `train/train.py` command line of one design."""
+def data_options(args) -> list[str]:
+    """The data options of `train/train.py` and `train/evaluate.py`: the dataset, its folder and fold (the generated
+    scenes: their seed)."""
     data = ["--dataset", args.dataset]
     if args.data_root:
         data += ["--data-root", str(args.data_root)]
@@ -227,7 +228,12 @@ def train_argv(args, design: Design, pretrained: Path, image_encoder: Path | Non
         data += ["--fold", str(args.fold)]
     if args.dataset == "synthetic":
         data += ["--source-option", f"seed={args.seed}"]
-    argv = [*data, "--pretrained", str(pretrained), "--output-dir", str(output_dir),
+    return data
+
+
+def train_argv(args, design: Design, pretrained: Path, image_encoder: Path | None, output_dir: Path) -> list[str]:
+    """The `train/train.py` command line of one design."""
+    argv = [*data_options(args), "--pretrained", str(pretrained), "--output-dir", str(output_dir),
             "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--gradient-accumulation-steps", str(args.gradient_accumulation_steps),
             "--learning-rate", str(args.learning_rate), "--lr-end", str(args.lr_end),
@@ -244,15 +250,9 @@ def train_argv(args, design: Design, pretrained: Path, image_encoder: Path | Non
 def evaluate_argv(args, pretrained: Path, output: Path, shots: int, sampled: bool, seed: int = 0,
                   threshold: tuple[str, float] | None = None, multistep: bool = False) -> list[str]:
     """The `train/evaluate.py` command line of one cell (`multistep`: the design takes --num-inference-steps)."""
-    argv = ["--pretrained", str(pretrained), "--dataset", args.dataset, "--shots", str(shots),
+    argv = ["--pretrained", str(pretrained), *data_options(args), "--shots", str(shots),
             "--resolution", str(args.resolution), "--batch-size", str(args.eval_batch_size), "--seed", str(seed),
             "--output", str(output)]
-    if args.data_root:
-        argv += ["--data-root", str(args.data_root)]
-    if args.fold is not None:
-        argv += ["--fold", str(args.fold)]
-    if args.dataset == "synthetic":
-        argv += ["--source-option", f"seed={args.seed}"]
     if args.episodes is not None:
         argv += ["--episodes", str(args.episodes)]
     if sampled:
