@@ -213,6 +213,50 @@ def test_example_set_grows_replaces_and_removes_shots():
     assert examples.remove_tasks([11]) == 1 and examples.model_version.startswith("tiny-1shot-")
 
 
+def test_each_label_uses_its_most_recent_shots():
+    from pipeline_diffews.label_studio.examples import ExampleSet
+
+    shots = {key: shot(key, ("scratch",) if key != 2 else ("scratch", "dent")) for key in range(1, 5)}
+    images = {f"img{key}": image for key, (image, _) in shots.items()}
+    pipe = CountingPipeline()
+    examples = ExampleSet(pipe, "tiny", lambda url, task: images[url], labels=["scratch", "dent"], max_shots=2)
+
+    def chain(keys, label):
+        support = None
+        for key in keys:
+            masks = {label: shots[key][1][label]}
+            support = pipe.pipe.encode_support(images[f"img{key}"], masks, multiclass=True, extend=support)
+        return support.class_key_values[0]
+
+    for key in shots:
+        examples.put(key, key, f"img{key}", shots[key][1])
+    examples.encode_pending()
+    # scratch: shots 3 and 4; dent: shot 2 (its only shot); shot 1 is in no window and was never encoded
+    assert [s.annotation_id for s in examples.in_use()] == [2, 3, 4] and pipe.encoded == 3
+    assert examples.model_version.startswith("tiny-3shots-")
+    support = examples.support()
+    assert support.class_names == ["scratch", "dent"] and support.num_shots == 3
+    for joined, reference in [(support.class_key_values[0], chain([3, 4], "scratch")),
+                              (support.class_key_values[1], chain([2], "dent"))]:
+        assert joined.num_shots == reference.num_shots
+        assert all(torch.equal(joined.layers[n][j], reference.layers[n][j]) for n in joined.layers for j in (0, 1))
+
+    examples.remove([4])  # shot 2 (in use for dent: it has its caches) comes into scratch's window
+    examples.encode_pending()
+    assert [s.annotation_id for s in examples.in_use()] == [2, 3] and pipe.encoded == 3
+    examples.remove([3])  # shot 1 comes into use: encoded from its kept masks
+    examples.encode_pending()
+    assert [s.annotation_id for s in examples.in_use()] == [1, 2] and pipe.encoded == 4
+    assert examples.support().num_shots == 2 and examples.model_version.startswith("tiny-2shots-")
+
+    examples.put(5, 5, "img3", shots[3][1])  # shot 1 falls out of use: its caches are released
+    examples.encode_pending()
+    assert pipe.encoded == 5 and examples.shots[0].caches is None
+    examples.remove([5])  # and back: encoded again
+    examples.encode_pending()
+    assert pipe.encoded == 6 and [s.annotation_id for s in examples.in_use()] == [1, 2]
+
+
 def test_example_set_leaves_out_a_shot_whose_image_cannot_be_read():
     from pipeline_diffews.label_studio.client import ImageReadError
     from pipeline_diffews.label_studio.examples import ExampleSet

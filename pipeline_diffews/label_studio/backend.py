@@ -55,12 +55,13 @@ class Project:
 @dataclass(frozen=True)
 class Settings:
     """How queries are segmented: `processing_resolution` (None: the model's), `threshold`, `threshold_mode` (None:
-    the model's), `batch_size` (images per pipeline call)."""
+    the model's), `batch_size` (images per pipeline call), `max_shots` (the most recent shots each label uses)."""
 
     processing_resolution: int | None = None
     threshold: float | None = None
     threshold_mode: str | None = None
     batch_size: int = 4
+    max_shots: int = 10
 
 
 class Backend:
@@ -168,7 +169,7 @@ class Backend:
         if config is None:
             config = _config(self.client.project(project_id).get("label_config"))
         examples = ExampleSet(self.pipe, self.model_name, self.client.read_image,
-                              self.settings.processing_resolution, config.labels)
+                              self.settings.processing_resolution, config.labels, self.settings.max_shots)
         key = config.data_keys[0]
         for task in self.client.export(project_id):
             for annotation in task.get("annotations") or []:

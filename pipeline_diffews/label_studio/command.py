@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-mode", choices=("relative", "absolute"), default=None,
                         help="relative: probability > threshold x the image's maximum; absolute: > threshold")
     parser.add_argument("--batch-size", type=int, default=4, help="images per UNet call when predicting (default 4)")
+    parser.add_argument("--max-shots", type=int, default=10,
+                        help="examples each label uses at most: its most recent annotations (default 10; a query's "
+                             "time and the caches' memory grow with it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("Label Studio at %s, as %s", client.url, user.get("email") or user.get("username") or user.get("id"))
     except LabelStudioError as error:  # it may start later, or the key be fixed: the backend serves anyway
         log.warning("%s", error)
-    settings = Settings(args.processing_resolution, args.threshold, args.threshold_mode, args.batch_size)
+    settings = Settings(args.processing_resolution, args.threshold, args.threshold_mode, args.batch_size,
+                        args.max_shots)
     backend = Backend(pipe, client, model_name(args), settings)
     log.info("DiffewS %s on %s: ML backend at http://%s:%d", args.model, device, args.host, args.port)
     try:
@@ -121,6 +125,8 @@ def _bad_value(args: argparse.Namespace) -> str | None:
         return f"--threshold must be in [0, 1], got {args.threshold}"
     if args.batch_size < 1:
         return f"--batch-size must be a positive integer, got {args.batch_size}"
+    if args.max_shots < 1:
+        return f"--max-shots must be a positive integer, got {args.max_shots}"
     if args.processing_resolution is not None and args.processing_resolution < 8:
         return f"--processing-resolution must be at least 8, got {args.processing_resolution}"
     if not 0 < args.port < 65536:
