@@ -265,6 +265,13 @@ def test_bad_input_gets_one_line_and_an_error_reply(label_studio, pipe, tmp_path
             return client.post("/predict", json={"tasks": list(tasks), "project": f"{project}.0",
                                                  "label_config": CONFIG})
 
+        empty = label_studio.create_project("No annotation yet", CONFIG)
+        label_studio.import_images(empty, [tmp_path / "good.png"])
+        (task,) = label_studio.tasks(empty)
+        nothing = client.post("/predict", json={"tasks": [task], "project": f"{empty}.0", "label_config": CONFIG})
+        assert nothing.json() == {"results": [{"result": [], "score": 0.0,
+                                               "model_version": f"{FEWSHOT_MODEL.name}-0shots"}]}
+
         lost = predict(missing)
         assert lost.status_code == 422 and f"image /data/upload/{project}/missing.png: " in lost.json()["error"]
         some = predict(good, garbage)
