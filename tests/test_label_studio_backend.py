@@ -337,6 +337,18 @@ def test_command_usage_errors_are_one_line(argv, words, monkeypatch, caplog, sdk
     assert len(errors) == 1 and words in errors[0] and "\n" not in errors[0]
 
 
+def test_a_model_whose_design_cannot_cache_a_support_is_refused_in_one_line(tmp_path, caplog, sdk):
+    from pipeline_diffews.cli import main
+    from pipeline_diffews.design_diffews import DiffewSDesign
+    from tests.tiny_models import tiny_design_pipeline
+
+    tiny_design_pipeline(DiffewSDesign(interaction="qkv_fusion")).save_pretrained(tmp_path / "qkv")
+    argv = ["label-studio", "--model", str(tmp_path / "qkv"), "--label-studio-url", "http://127.0.0.1:1", "--api-key", "k"]
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "qkv_fusion" in errors[0] and "cannot cache a support" in errors[0]
+
+
 def test_model_versions_name_the_settings_that_change_predictions():
     from pipeline_diffews.cli import build_parser
     from pipeline_diffews.label_studio.command import model_name

@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - a missing client, a broken config, a failed download...
         log.error("--model %s: cannot load it (%s: %s)", args.model, type(error).__name__, error)
         return 2
+    if not pipe.design.cacheable:
+        log.error("--model %s: its design (%s) cannot cache a support, which the backend grows one annotation at a "
+                  "time; serve a model of another interaction", args.model, pipe.design.interaction)
+        return 2
     pipe.set_progress_bar_config(disable=True)
     client = LabelStudioClient(args.label_studio_url, args.api_key)
     try:
