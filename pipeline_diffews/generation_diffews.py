@@ -76,6 +76,10 @@ def generate(
     if generation == "oi2m":
         return -unet_step(image_latents, timestep)  # v-prediction with alpha_bar = 0: x0 = -v
     scheduler.set_timesteps(num_inference_steps, device=image_latents.device)
+    # A steep schedule (the paper's MI2M betas (0.0272, 0.384)) underflows alpha_bar to 0 in float32 from some step
+    # on; DDIM's variance of two such steps is then 0 / 0, NaN even with eta = 0. The smallest normal float keeps it 0
+    # and changes no prediction (sqrt(1e-38) x sample is below float32's resolution of the other term).
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.clamp_min(torch.finfo(torch.float32).tiny)
     if generation == "mi2m":
         sample = image_latents
     else:

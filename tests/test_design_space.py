@@ -302,6 +302,9 @@ def test_mi2m_is_deterministic_and_steps_through_the_scheduler():
     assert len(timesteps) == 3 and timesteps == sorted(timesteps, reverse=True)
     b = pipe(QUERIES[0], support_images=IMAGES[:1], support_masks=MASKS[:1], num_inference_steps=3).probabilities[0]
     np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all() and bool((pipe.scheduler.alphas_cumprod > 0).all())  # it underflows on this schedule
+    five = pipe(QUERIES[0], support_images=IMAGES[:1], support_masks=MASKS[:1], num_inference_steps=5).probabilities[0]
+    assert np.isfinite(five).all() and five.max() > 0
 
 
 def test_generation_options_are_checked_against_the_design():
