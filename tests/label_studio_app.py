@@ -23,6 +23,8 @@ from tests.training_runs import free_port
 
 LABEL_STUDIO = "label-studio==1.23.2"
 LABEL_STUDIO_SDK = "label-studio-sdk==2.1.2"
+# Label Studio 1.23.2 passes `send_default_pii` to sentry_sdk.init, an option sentry-sdk 3 refuses at start.
+LABEL_STUDIO_PINS = ("sentry-sdk<3",)
 USER, PASSWORD = "annotator@example.com", "diffews-test-password"
 TOKEN = "d1ffe5d1ffe5d1ffe5d1ffe5d1ffe5d1ffe5d1ff"  # the user's legacy token (40 hex digits)
 START_TIMEOUT = 300  # seconds: a fresh data folder runs every database migration (about 30 s on 2 cores)
@@ -41,18 +43,19 @@ def label_studio_venv(default: Path) -> Path:
     else `default`. Skips (or fails, see `require_label_studio`) when it cannot be installed."""
     venv = Path(os.environ.get("DIFFEWS_LABEL_STUDIO_VENV") or default)
     done = venv / "installed.txt"
-    if done.is_file() and done.read_text().strip() == f"{LABEL_STUDIO} {LABEL_STUDIO_SDK}":
+    wanted = " ".join([LABEL_STUDIO, LABEL_STUDIO_SDK, *LABEL_STUDIO_PINS])
+    if done.is_file() and done.read_text().strip() == wanted:
         return venv
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     result = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", LABEL_STUDIO,
-         LABEL_STUDIO_SDK], capture_output=True, text=True)
+         LABEL_STUDIO_SDK, *LABEL_STUDIO_PINS], capture_output=True, text=True)
     if result.returncode != 0:
         errors = [line for line in result.stderr.splitlines() if not line.startswith("WARNING: Location")]
         require_label_studio(f"cannot install {LABEL_STUDIO} into {venv}: {' '.join(errors[-3:])[-500:]}")
-    done.write_text(f"{LABEL_STUDIO} {LABEL_STUDIO_SDK}\n")
+    done.write_text(wanted + "\n")
     return venv
 
 
