@@ -36,8 +36,6 @@ GENERATIONS = ("oi2m", "mi2m", "mn2m")
 OPTIONS = {"interaction": INTERACTIONS, "mask_injection": MASK_INJECTIONS, "target": TARGETS, "generation": GENERATIONS}
 # The paper's two beta ranges for MI2M (appendix A.2); MN2M uses Stable Diffusion's own schedule, the first range.
 MI2M_BETA_RANGES = ((0.00085, 0.012), (0.0272, 0.384))
-# Additive attention bias of a support token outside its mask (the authors' attention-mask model code: -10000).
-MASKED_OUT_BIAS = -10000.0
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class DiffewSDesign:
     def describe(self) -> str:
         """One line, e.g. `kv_fusion + concat, white_foreground target, oi2m (DiffewS)`."""
         text = f"{self.interaction} + {self.mask_injection}, {self.target} target, {self.generation}"
-        return text + (" (DiffewS)" if self == DiffewSDesign() else "")
+        return text + (" (DiffewS)" if self.is_default else "")
 
     @property
     def is_default(self) -> bool:

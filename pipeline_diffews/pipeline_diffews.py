@@ -516,7 +516,7 @@ class DiffewSPipeline(DiffusionPipeline):
         queries: the episodes' query images; latents: their latents [B, 4, h, w] if already encoded. key_values: the
         episodes' support cache, with B episodes or 1 shared by all. generation: `generation_options`' settings.
         """
-        design, generation = self.design, generation or generation_options(self.design, self.config, *[None] * 3, False)
+        design, generation = self.design, generation or generation_options(self.design, self.config, None, None, None, False)
         if latents is None:
             latents = self._encode_images(queries, resolution)
         members = generation.get("ensemble_size", 1)

@@ -695,7 +695,7 @@ class DiffewSUNet2DConditionModel(UNet2DConditionModel):
             output = super().forward(batch, steps, self._conditioning(None, batch.shape[0]), *args,
                                      cross_attention_kwargs=cross_attention_kwargs, **kwargs).sample[:queries]
         self._check_all_layers_took_part(fusion.layers_fused)
-        return type(self)._output(output, return_dict)
+        return self._output(output, return_dict)
 
     @staticmethod
     def _output(sample, return_dict: bool):
